@@ -1,0 +1,5 @@
+import sys
+
+from remotefs.cli import main
+
+sys.exit(main())

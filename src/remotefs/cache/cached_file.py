@@ -1,0 +1,135 @@
+"""One cached URL: a sparse data file of the full size, its block bitmap and its metadata.
+
+Invariant that makes crashes harmless: a block's bit is set only after its bytes were written
+to the data file, and a bitmap snapshot reaches disk only after the data file was fdatasync'ed.
+So the bitmap on disk may *miss* blocks that are present (they are fetched again), but never
+claims a block that is not.
+
+All methods run on the trio thread. Only `save` awaits (fsync and the atomic bitmap write go
+to a worker thread); everything else is synchronous, so between two awaits the bitmap and the
+data file agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+from pyroaring import BitMap
+
+from ..http.source import RemoteMeta
+from .atomic import atomic_write
+from .state_files import CacheMeta, encode_bitmap, save_meta
+
+log = logging.getLogger(__name__)
+
+DATA_NAME = "data"
+BITMAP_NAME = "bitmap"
+META_NAME = "meta"
+
+
+class CachedFile:
+    """The local copy of one remote file, block by block."""
+
+    def __init__(self, directory: Path, meta: CacheMeta, bitmap: BitMap, name: str) -> None:
+        self.directory = directory
+        self.meta = meta
+        self.bitmap = bitmap
+        #: How this file is named in logs: its path in the mount (never the URL's query).
+        self.name = name
+        self.block_size = meta.block_size
+        self.nblocks = -(-meta.size // meta.block_size)
+        self.remote: RemoteMeta = meta.remote()
+        self._version = 0  # bumped on every bitmap change
+        self._saved_version = 0
+        self._save_lock = trio.Lock()
+        self._fd = os.open(directory / DATA_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size != meta.size:
+            os.ftruncate(self._fd, meta.size)  # sparse: no disk blocks until written
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The remote file's size in bytes."""
+        return self.meta.size
+
+    @property
+    def complete(self) -> bool:
+        """True once every block is present: from then on no read needs the network."""
+        return len(self.bitmap) == self.nblocks
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes present locally (the last block may be short)."""
+        count = len(self.bitmap)
+        if count and (self.nblocks - 1) in self.bitmap:
+            return (count - 1) * self.block_size + self.block_length(self.nblocks - 1)
+        return count * self.block_size
+
+    @property
+    def dirty(self) -> bool:
+        """True when the bitmap changed since it was last saved."""
+        return self._version != self._saved_version
+
+    def block_length(self, index: int) -> int:
+        """Length of block *index*: the block size, except for a short last block."""
+        return min(self.block_size, self.meta.size - index * self.block_size)
+
+    def has_blocks(self, first: int, end: int) -> bool:
+        """True when blocks ``[first, end)`` are all present."""
+        return bool(self.bitmap.contains_range(first, end))
+
+    # -- data --------------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Read present bytes from the data file (the caller checked the blocks are present)."""
+        return os.pread(self._fd, size, offset)
+
+    def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Store one whole block, then mark it present (in that order: see module docstring)."""
+        if len(data) != self.block_length(index):
+            raise ValueError(f"block {index} of {self.name}: {len(data)} bytes")
+        view = memoryview(data)
+        offset = index * self.block_size
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+        self.bitmap.add(index)
+        self._version += 1
+
+    def mark_dirty(self) -> None:
+        """Force the next `save` to write the bitmap (after a conversion, say)."""
+        self._version += 1
+
+    # -- persistence -------------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Persist the bitmap (and the complete flag) if it changed since the last save.
+
+        The snapshot is taken before fdatasync, so every block it claims was written before
+        the sync: the durable bitmap never runs ahead of the durable data.
+        """
+        async with self._save_lock:
+            if not self.dirty:
+                return
+            version = self._version
+            snapshot = encode_bitmap(self.bitmap)
+            complete = self.complete
+            await trio.to_thread.run_sync(os.fdatasync, self._fd)
+            await trio.to_thread.run_sync(atomic_write, self.directory / BITMAP_NAME, snapshot)
+            if complete and not self.meta.complete:
+                self.meta = replace(self.meta, complete=True)
+                await trio.to_thread.run_sync(save_meta, self.directory / META_NAME, self.meta)
+                log.info("%s: complete on disk (%d bytes)", self.name, self.size)
+            self._saved_version = version
+
+    def close(self) -> None:
+        """Release the data file descriptor (after a final `save`)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,322 @@
+"""Command line: ``remotefs mount URLS MOUNTPOINT`` and ``remotefs unmount MOUNTPOINT``.
+
+Every check that can fail on user input (the URL list, the mountpoint, the options) runs in
+the foreground, before anything is mounted, and ends with a one-line message and exit 2. The
+daemon then starts in the background and the command returns only once the mount answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .cache.store import CacheDirError
+from .config.manifest import ManifestEntry, ManifestError, load_manifest
+from .config.options import MountOptions, default_cache_dir
+from .daemon.background import run_in_background
+from .daemon.logs import setup_logging
+from .daemon.mountpoint import MountpointError, check_mountpoint
+from .fuse.ops import PID_XATTR
+
+log = logging.getLogger("remotefs")
+
+EXIT_USAGE = 2
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``64KiB``, ``1M`` -> bytes (binary multiples)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 1M)")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
+def positive_float(text: str) -> float:
+    """A number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full CLI; every option is documented in ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="remotefs",
+        description="Show remote HTTP(S) files as read-only local files, downloading only the"
+        " bytes that programs read.",
+    )
+    parser.add_argument("--version", action="version", version=f"remotefs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount the URLs listed in a file",
+        description="Mount every URL listed in URLS (one 'URL [PATH]' per line) under"
+        " MOUNTPOINT. Returns once the mount answers; the daemon stays in the background.",
+    )
+    mount.add_argument("urls", type=Path, metavar="URLS", help="file listing 'URL [PATH]' lines")
+    mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
+    )
+    defaults = MountOptions(cache_dir=Path("/"))
+    mount.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"where downloaded blocks are kept (default: {default_cache_dir()})",
+    )
+    mount.add_argument(
+        "--block-size",
+        type=parse_size,
+        default=defaults.block_size,
+        help="cache granularity, a power of two >= 4K (default: 64K)",
+    )
+    mount.add_argument(
+        "--min-request",
+        type=parse_size,
+        default=defaults.min_request,
+        help="smallest Range request sent (default: 256K)",
+    )
+    mount.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="connections shared by the whole mount (default: 8)",
+    )
+    mount.add_argument(
+        "--read-deadline",
+        type=positive_float,
+        default=defaults.read_deadline,
+        help="seconds a read may wait for the network, retries included, before EIO (default: 60)",
+    )
+    mount.add_argument(
+        "--stall-timeout",
+        type=positive_float,
+        default=defaults.stall_timeout,
+        help="seconds without a byte before a response is abandoned and retried (default: 20)",
+    )
+    mount.add_argument(
+        "--probe-timeout",
+        type=positive_float,
+        default=defaults.probe_timeout,
+        help="seconds to reach each URL at mount before it is left out or served from cache"
+        " (default: 10)",
+    )
+    mount.add_argument(
+        "--checkpoint-interval",
+        type=positive_float,
+        default=defaults.checkpoint_interval,
+        help="seconds between saves of download progress (default: 2)",
+    )
+    mount.add_argument("--user-agent", default=defaults.user_agent, help="User-Agent header")
+    mount.add_argument("--ca-bundle", default=None, help="PEM file of CA certificates to trust")
+    mount.add_argument(
+        "--insecure", action="store_true", help="do NOT verify TLS certificates (dangerous)"
+    )
+    mount.add_argument(
+        "--allow-other", action="store_true", help="let other users read the mount (FUSE)"
+    )
+    mount.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        help="log file in the background (default: CACHE_DIR/remotefs.log)",
+    )
+    mount.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+
+    unmount = commands.add_parser(
+        "unmount",
+        aliases=["umount"],
+        help="unmount and wait for the daemon to save its state",
+        description="Unmount MOUNTPOINT and wait until its daemon has saved its state and exited.",
+    )
+    unmount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    unmount.add_argument(
+        "--timeout", type=positive_float, default=30.0, help="seconds to wait (default: 30)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``remotefs`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "mount":
+        return cmd_mount(args)
+    return cmd_unmount(args.mountpoint, args.timeout)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    sys.stderr.write(f"remotefs: {message}\n")
+    return code
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """Validate everything, then run the daemon (in the background unless ``-f``)."""
+    try:
+        entries = load_manifest(args.urls)
+        mountpoint = check_mountpoint(args.mountpoint)
+        options = MountOptions(
+            cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
+            block_size=args.block_size,
+            min_request=args.min_request,
+            max_connections=args.max_connections,
+            read_deadline=args.read_deadline,
+            stall_timeout=args.stall_timeout,
+            probe_timeout=args.probe_timeout,
+            checkpoint_interval=args.checkpoint_interval,
+            user_agent=args.user_agent,
+            ca_bundle=args.ca_bundle,
+            insecure=args.insecure,
+            allow_other=args.allow_other,
+        )
+    except (ManifestError, MountpointError) as err:
+        return _fail(str(err))
+    except ValueError as err:
+        return _fail(f"invalid option: {err}")
+    if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
+        return _fail(f"--ca-bundle {args.ca_bundle}: not a readable file")
+
+    def serve(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
+        return _serve(options, entries, mountpoint, report_ready, report_error)
+
+    if args.foreground:
+        setup_logging(args.log_level, None)
+
+        def print_error(text: str) -> None:
+            sys.stderr.write(f"remotefs: {text}\n")
+
+        return serve(lambda: None, print_error)
+    log_file = (args.log_file or options.cache_dir / "remotefs.log").absolute()
+    try:
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        return _fail(f"cannot create {log_file.parent}: {err.strerror}")
+
+    def child(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
+        setup_logging(args.log_level, log_file)
+        return serve(report_ready, report_error)
+
+    return run_in_background(child, log_file)
+
+
+def _serve(
+    options: MountOptions,
+    entries: list[ManifestEntry],
+    mountpoint: Path,
+    report_ready: Callable[[], None],
+    report_error: Callable[[str], None],
+) -> int:
+    """Run one daemon to completion; errors before readiness go to *report_error*."""
+    from .daemon.serve import Daemon  # imports pyfuse3: only where a mount really happens
+
+    if options.insecure:
+        log.warning(
+            "TLS certificate verification is OFF (--insecure): anyone on the path"
+            " can change the bytes you read"
+        )
+    daemon = Daemon(options, entries, mountpoint)
+    try:
+        daemon.open_cache()
+    except CacheDirError as err:
+        report_error(str(err))
+        return 1
+    try:
+        trio.run(daemon.run, report_ready)
+    except RuntimeError as err:  # pyfuse3.init failures (e.g. no /dev/fuse, no permission)
+        log.error("mount failed: %s", err)
+        report_error(f"mount failed: {err}")
+        return 1
+    except BaseException as err:
+        log.exception("daemon stopped by an unexpected error")
+        report_error(f"daemon failed: {err}")
+        raise
+    return 0
+
+
+def cmd_unmount(mountpoint: Path, timeout: float) -> int:
+    """Unmount, then wait for the daemon (found through its pid xattr) to exit."""
+    target = os.path.abspath(mountpoint)
+    pid: int | None = None
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.getxattr(target, PID_XATTR))
+    if not _is_mount(target):
+        return _fail(f"{target} is not mounted", 1)
+    commands = [["fusermount3", "-u", target], ["fusermount", "-u", target], ["umount", target]]
+    errors = []
+    for command in commands:
+        if shutil.which(command[0]) is None:
+            continue
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            break
+        errors.append(result.stderr.strip())
+    else:
+        return _fail(f"could not unmount {target}: {'; '.join(errors) or 'no unmount tool'}", 1)
+    if pid is not None and not _wait_for_exit(pid, timeout):
+        return _fail(f"unmounted, but daemon {pid} did not exit within {timeout:.0f}s", 1)
+    return 0
+
+
+def _is_mount(path: str) -> bool:
+    """True for a live or stale mount at *path*.
+
+    The mount table is read instead of stat'ing: a stale FUSE mount fails every stat call
+    with ENOTCONN, and `os.path.ismount` then says False.
+    """
+    return path in mounted_paths()
+
+
+def mounted_paths() -> set[str]:
+    """Mountpoints listed in /proc/self/mounts (octal escapes such as ``\\040`` decoded)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return set()
+    unescape = re.compile(r"\\([0-7]{3})")
+    return {
+        unescape.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[1])
+        for line in lines
+        if line.count(" ") >= 2
+    }
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Tunables of one mount, in one place with their defaults and the reason for each.
+
+Every layer receives a `MountOptions` instead of loose keyword arguments, so a test can build a
+layer with exactly the settings it needs and the CLI stays the only place that parses strings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def default_cache_dir() -> Path:
+    """The XDG cache directory for remotefs (``$XDG_CACHE_HOME/remotefs`` or ``~/.cache``).
+
+    Root gets the same rule as everyone else: an explicit ``--cache-dir`` (for example
+    ``/var/cache/remotefs`` under systemd) is the way to choose a system-wide location.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "remotefs"
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Settings of one mount. Defaults are what a user gets without flags."""
+
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    # 64 KiB: fine enough that `unzip -l` or a superblock read costs little, coarse enough that
+    # a 5 GB file needs only ~80k bits of bitmap.
+    block_size: int = 64 * KiB
+    # Requests smaller than this cost a round trip for little data; 256 KiB keeps random-read
+    # traffic bounded while amortising latency.
+    min_request: int = 256 * KiB
+    # One pool for the whole mount: origins and the local link are shared resources.
+    max_connections: int = 8
+    # A read gives up (EIO) after this many seconds of retries, so no reader hangs forever.
+    read_deadline: float = 60.0
+    # A response body that delivers no byte for this long is treated as a broken connection.
+    stall_timeout: float = 20.0
+    connect_timeout: float = 10.0
+    # Probing all URLs at mount: how long one URL may take (with retries) before it is
+    # reported unreachable and left to the background re-prober.
+    probe_timeout: float = 10.0
+    # The bitmap is saved at most this often while reads are downloading blocks.
+    checkpoint_interval: float = 2.0
+    user_agent: str = "remotefs/0.1"
+    ca_bundle: str | None = None
+    insecure: bool = False
+    allow_other: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 4 * KiB or self.block_size & (self.block_size - 1):
+            raise ValueError("block size must be a power of two of at least 4 KiB")
+        if self.min_request < self.block_size:
+            object.__setattr__(self, "min_request", self.block_size)
+        if self.max_connections < 1:
+            raise ValueError("max connections must be at least 1")
+        if self.read_deadline <= 0 or self.stall_timeout <= 0 or self.probe_timeout <= 0:
+            raise ValueError("timeouts must be positive")

@@ -1,0 +1,231 @@
+"""FUSE semantics of the mount: a read-only tree whose file reads go through the block cache.
+
+This module only translates between the kernel's requests and the lower layers: names to
+nodes, nodes to attributes, reads to `BlockFetcher.read`, and failures to errno values. Every
+request that would change something answers EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from ..cache.fetcher import BlockFetcher, ReadError
+from .tree import DirNode, FileNode, Node, Tree
+
+log = logging.getLogger(__name__)
+
+# The namespace only changes when the daemon itself changes it, so the kernel may trust what
+# it was told for a long time; warm lookups then never reach this process.
+ATTR_TIMEOUT = 3600.0
+PID_XATTR = b"user.remotefs.pid"
+
+
+def _erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+class RemoteFsOperations(pyfuse3.Operations):
+    """The `pyfuse3.Operations` of a remotefs mount."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, fetcher: BlockFetcher, block_size: int) -> None:
+        super().__init__()
+        self._tree = tree
+        self._fetcher = fetcher
+        self._block_size = block_size
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._mount_time_ns = time.time_ns()
+        self._sorted_children: dict[int, list[tuple[str, int]]] = {}
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self._tree.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = pyfuse3.InodeT(node.inode)
+        attrs.st_uid = self._uid
+        attrs.st_gid = self._gid
+        attrs.st_blksize = self._block_size
+        attrs.entry_timeout = ATTR_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        if isinstance(node, FileNode):
+            cached = node.cached
+            attrs.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+            attrs.st_nlink = 1
+            attrs.st_size = cached.size
+            # st_blocks counts what is cached, so `du` shows local disk use.
+            attrs.st_blocks = (cached.cached_bytes + 511) // 512
+            mtime = cached.remote.mtime_ns or self._mount_time_ns
+        else:
+            attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
+            attrs.st_nlink = 2
+            attrs.st_size = 0
+            mtime = self._mount_time_ns
+        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime
+        return attrs
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode))
+
+    async def lookup(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._tree.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(node)
+
+    # -- directories -------------------------------------------------------------------------
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        node = self._node(inode)
+        if not isinstance(node, DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        # A fresh sorted snapshot per opendir keeps offsets stable while this handle reads.
+        self._sorted_children[inode] = sorted(node.children.items())
+        return pyfuse3.FileHandleT(inode)
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        children = self._sorted_children.get(fh)
+        if children is None:
+            node = self._node(fh)
+            assert isinstance(node, DirNode)
+            children = sorted(node.children.items())
+        for index in range(start_id, len(children)):
+            name, inode = children[index]
+            attrs = self._attributes(self._tree.nodes[inode])
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                break
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if isinstance(node, DirNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise _erofs()
+        # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
+        # without the daemon noticing, and then it invalidates the inode itself.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        node = self._tree.nodes.get(fh)
+        if not isinstance(node, FileNode):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            return await self._fetcher.read(node.cached, off, size)
+        except ReadError as err:
+            log.error("read failed: %s", err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as err:
+            log.error("%s: local cache error: %s", node.cached.name, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        files = list(self._tree.files())
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = self._block_size
+        data.f_frsize = self._block_size
+        data.f_blocks = sum(-(-node.cached.size // self._block_size) for node in files)
+        data.f_bfree = 0
+        data.f_bavail = 0
+        data.f_files = len(self._tree.nodes)
+        data.f_ffree = 0
+        data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- extended attributes -----------------------------------------------------------------
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        self._node(inode)
+        if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> list[pyfuse3.XAttrNameT]:
+        self._node(inode)
+        return [pyfuse3.XAttrNameT(PID_XATTR)] if inode == pyfuse3.ROOT_INODE else []
+
+    # -- everything that would modify the tree: read-only ---------------------------------------
+
+    async def setattr(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def setxattr(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def removexattr(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def mknod(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mkdir(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def symlink(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def link(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def unlink(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def rmdir(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def rename(self, *args: object, **kwargs: object) -> None:
+        raise _erofs()
+
+    async def create(
+        self, *args: object, **kwargs: object
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise _erofs()
+
+    async def write(self, *args: object, **kwargs: object) -> int:
+        raise _erofs()
+
+    async def fsync(self, *args: object, **kwargs: object) -> None:
+        return None
