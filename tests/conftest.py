@@ -1,0 +1,85 @@
+"""Shared fixtures: a real origin on 127.0.0.1, real FUSE mounts, generated test data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .mounting import MountFactory
+from .origin import Origin
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _fuse_problem() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not accessible"
+    return None
+
+
+@pytest.fixture(scope="session")
+def fuse_available() -> None:
+    """FUSE tests need /dev/fuse: in CI its absence fails the run, elsewhere it skips."""
+    problem = _fuse_problem()
+    if problem is None:
+        return
+    if IN_CI:
+        pytest.fail(f"FUSE is required in CI: {problem}")
+    pytest.skip(f"FUSE not available: {problem}")
+
+
+@pytest.fixture(scope="session")
+def root_required() -> None:
+    """Loop mounts need root: in CI its absence fails the run, elsewhere it skips."""
+    if os.geteuid() == 0:
+        return
+    if IN_CI:
+        pytest.fail("these tests need root (loop mounts)")
+    pytest.skip("needs root")
+
+
+@pytest.fixture
+def origin_root(tmp_path: Path) -> Path:
+    root = tmp_path / "origin"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def origin(origin_root: Path) -> Iterator[Origin]:
+    """A running origin serving *origin_root*; stopped at the end of the test."""
+    server = Origin(origin_root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def remotefs(fuse_available: None, tmp_path: Path) -> Iterator[MountFactory]:
+    """Mount factory; every mount it made is unmounted and its daemon reaped at the end."""
+    factory = MountFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> bytes:
+    """Write *size* pseudo-random bytes to *path* (fast for hundreds of MiB) and return them."""
+    data = os.urandom(size) if seed == 0 else _seeded(size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def _seeded(size: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(size)
