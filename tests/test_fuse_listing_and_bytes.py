@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,9 @@ FILE_SIZE = 5 * BLOCK * 16 + 4321  # ~5 MiB, deliberately not block aligned
 
 
 @pytest.fixture
-def random_read_mount(origin: Origin, origin_root: Path, remotefs: MountFactory):
+def random_read_mount(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> Iterator[tuple[int, bytes]]:
     data = write_random(origin_root / "r.bin", FILE_SIZE)
     mount = remotefs.mount([origin.url("r.bin")], "--min-request", "64K")
     fd = os.open(mount.path / "r.bin", os.O_RDONLY)
@@ -120,7 +123,9 @@ def random_read_mount(origin: Origin, origin_root: Path, remotefs: MountFactory)
     ),
     length=st.one_of(st.integers(0, 3 * BLOCK), st.sampled_from([1, BLOCK, BLOCK + 1])),
 )
-def test_random_reads_equal_origin_bytes(random_read_mount, offset: int, length: int) -> None:
+def test_random_reads_equal_origin_bytes(
+    random_read_mount: tuple[int, bytes], offset: int, length: int
+) -> None:
     fd, data = random_read_mount
     offset = max(0, offset)
     _drop_page_cache(fd)
@@ -133,8 +138,8 @@ def test_writes_are_refused_with_erofs(
     write_random(origin_root / "f.bin", 10)
     mount = remotefs.mount([origin.url("f.bin")])
     attempts = [
-        lambda: open(mount.path / "f.bin", "r+b"),
-        lambda: open(mount.path / "new.bin", "wb"),
+        lambda: os.open(mount.path / "f.bin", os.O_RDWR),
+        lambda: os.open(mount.path / "new.bin", os.O_WRONLY | os.O_CREAT),
         lambda: os.mkdir(mount.path / "d"),
         lambda: os.rename(mount.path / "f.bin", mount.path / "g.bin"),
         lambda: os.unlink(mount.path / "f.bin"),

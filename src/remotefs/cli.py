@@ -27,7 +27,7 @@ from .config.manifest import ManifestEntry, ManifestError, load_manifest
 from .config.options import MountOptions, default_cache_dir
 from .daemon.background import run_in_background
 from .daemon.logs import setup_logging
-from .daemon.mountpoint import MountpointError, check_mountpoint
+from .daemon.mountpoint import MountpointError, check_mountpoint, mounted_paths
 from .fuse.ops import PID_XATTR
 
 log = logging.getLogger("remotefs")
@@ -263,7 +263,7 @@ def cmd_unmount(mountpoint: Path, timeout: float) -> int:
     pid: int | None = None
     with contextlib.suppress(OSError, ValueError):
         pid = int(os.getxattr(target, PID_XATTR))
-    if not _is_mount(target):
+    if target not in mounted_paths():
         return _fail(f"{target} is not mounted", 1)
     commands = [["fusermount3", "-u", target], ["fusermount", "-u", target], ["umount", target]]
     errors = []
@@ -279,30 +279,6 @@ def cmd_unmount(mountpoint: Path, timeout: float) -> int:
     if pid is not None and not _wait_for_exit(pid, timeout):
         return _fail(f"unmounted, but daemon {pid} did not exit within {timeout:.0f}s", 1)
     return 0
-
-
-def _is_mount(path: str) -> bool:
-    """True for a live or stale mount at *path*.
-
-    The mount table is read instead of stat'ing: a stale FUSE mount fails every stat call
-    with ENOTCONN, and `os.path.ismount` then says False.
-    """
-    return path in mounted_paths()
-
-
-def mounted_paths() -> set[str]:
-    """Mountpoints listed in /proc/self/mounts (octal escapes such as ``\\040`` decoded)."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
-            lines = table.read().splitlines()
-    except OSError:
-        return set()
-    unescape = re.compile(r"\\([0-7]{3})")
-    return {
-        unescape.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[1])
-        for line in lines
-        if line.count(" ") >= 2
-    }
 
 
 def _wait_for_exit(pid: int, timeout: float) -> bool:

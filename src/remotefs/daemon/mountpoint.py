@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -28,26 +29,55 @@ def check_mountpoint(path: Path) -> Path:
         ) from None
     except OSError as err:
         if err.errno == errno.ENOTCONN:
-            raise MountpointError(
-                f"mountpoint {absolute} is a stale FUSE mount (transport endpoint is not"
-                " connected), left by a daemon that died; clear it with:"
-                f" fusermount3 -u {absolute}   (or: umount -l {absolute})"
-            ) from None
+            raise MountpointError(_stale(absolute)) from None
         raise MountpointError(f"mountpoint {absolute}: {err.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise MountpointError(f"mountpoint {absolute} is not a directory")
-    if os.path.ismount(absolute):
+    try:
+        entries = os.listdir(absolute)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            raise MountpointError(_stale(absolute)) from None
+        raise MountpointError(f"mountpoint {absolute}: {err.strerror}") from None
+    if str(absolute) in mounted_paths():
         raise MountpointError(
             f"mountpoint {absolute} is already a mount point; unmount it first:"
             f" remotefs unmount {absolute}"
         )
-    try:
-        entries = os.listdir(absolute)
-    except OSError as err:
-        raise MountpointError(f"mountpoint {absolute}: {err.strerror}") from None
     if entries:
         raise MountpointError(
             f"mountpoint {absolute} is not empty ({len(entries)} entries); mounting would"
             " hide them: use an empty directory"
         )
     return absolute
+
+
+def _stale(path: Path) -> str:
+    # The kernel may still answer stat() of a dead FUSE mount from its attribute cache;
+    # listing the directory always reaches the (dead) daemon, so both paths end up here.
+    return (
+        f"mountpoint {path} is a stale FUSE mount (transport endpoint is not connected),"
+        f" left by a daemon that died; clear it with: fusermount3 -u {path}"
+        f"   (or: umount -l {path})"
+    )
+
+
+def mounted_paths() -> set[str]:
+    """Mountpoints listed in /proc/self/mounts, octal escapes (``\\040``) decoded.
+
+    The mount table is the reliable source: `os.path.ismount` says False for a stale FUSE
+    mount, whose every stat call fails.
+    """
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return set()
+    return {
+        _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[1])
+        for line in lines
+        if line.count(" ") >= 2
+    }
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
