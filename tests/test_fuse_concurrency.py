@@ -43,7 +43,9 @@ print("ok")
 """
 
 
-def overlapping(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def overlapping(
+    ranges: list[tuple[int, int]],
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Pairs of served ranges that share a byte (there should be none)."""
     ordered = sorted(ranges)
     return [(a, b) for a, b in itertools.pairwise(ordered) if b[0] < a[1]]
@@ -58,7 +60,7 @@ def test_concurrent_readers_get_correct_bytes_and_each_block_is_fetched_once(
     mount = remotefs.mount([origin.url(name) for name in names])
     origin.wait_idle()
     origin.reset_counters()
-    jobs = []
+    jobs: list[tuple[str | None, list[str]]] = []
     # Four sequential readers on a.bin, two on b.bin, and four random readers on c.bin and a.bin.
     for chunk in (4096, 65536, 131072, 1048576):
         jobs.append(
