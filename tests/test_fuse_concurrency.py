@@ -77,18 +77,18 @@ def test_concurrent_readers_get_correct_bytes_and_each_block_is_fetched_once(
         ]  # fmt: skip
         jobs.append((None, command))
     processes = [
-        (name, subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
-        for name, command in jobs
+        (job_file, subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+        for job_file, command in jobs
     ]
     assert len(processes) >= 8
-    for name, process in processes:
+    for job_file, process in processes:
         out, _ = process.communicate(timeout=240)
         assert process.returncode == 0
-        if name is None:
+        if job_file is None:
             assert out.strip() == "ok"
         else:
-            truth = hashlib.sha256((origin_root / name).read_bytes()).hexdigest()
-            assert out.strip() == truth, name
+            truth = hashlib.sha256((origin_root / job_file).read_bytes()).hexdigest()
+            assert out.strip() == truth, job_file
     origin.wait_idle()
     for name in names:
         ranges = origin.served_ranges(f"/{name}")
