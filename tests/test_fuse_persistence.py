@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import write_random
-from .mounting import MountFactory, force_unmount, is_mounted, run_remotefs
+from .mounting import REMOTEFS, MountFactory, force_unmount, is_mounted, run_remotefs
 from .origin import Origin
 
 MiB = 1024 * 1024
@@ -124,3 +125,35 @@ def test_kill_9_during_heavy_reads_never_corrupts_the_cache(
     for name in names:
         got = hashlib.sha256((mount.path / name).read_bytes()).hexdigest()
         assert got == hashlib.sha256((origin_root / name).read_bytes()).hexdigest(), name
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_daemon_unmounts_and_saves_on_signal(
+    signum: int, origin: Origin, origin_root: Path, remotefs: MountFactory, tmp_path: Path
+) -> None:
+    data = write_random(origin_root / "f.bin", 3 * MiB)
+    urls = remotefs.write_urls([origin.url("f.bin")])
+    mountpoint, cache = tmp_path / "mnt", tmp_path / "cache"
+    mountpoint.mkdir()
+    # A long checkpoint interval: only the save at shutdown can persist what was read.
+    command = [*REMOTEFS, "mount", "-f", str(urls), str(mountpoint), "--cache-dir", str(cache)]
+    daemon = subprocess.Popen([*command, "--checkpoint-interval", "3600"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (mountpoint / "f.bin").read_bytes()[:MiB] == data[:MiB]
+        daemon.send_signal(signum)
+        assert daemon.wait(timeout=30) == 0
+        assert not is_mounted(mountpoint)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        force_unmount(mountpoint)
+    mount = remotefs.mount(urls_file=urls, cache_dir=cache)
+    origin.wait_idle()
+    origin.reset_counters()
+    assert read_range(mount.path / "f.bin", 0, MiB) == data[:MiB]
+    origin.wait_idle()
+    assert origin.bytes_served("/f.bin") == 0

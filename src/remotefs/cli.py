@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.checkpoint_interval,
         help="seconds between saves of download progress (default: 2)",
     )
+    mount.add_argument(
+        "--kernel-readahead",
+        type=parse_size,
+        default=defaults.kernel_readahead,
+        help="the kernel's own readahead and largest read request, up to 1M (root only;"
+        " default: 1M)",
+    )
     mount.add_argument("--user-agent", default=defaults.user_agent, help="User-Agent header")
     mount.add_argument("--ca-bundle", default=None, help="PEM file of CA certificates to trust")
     mount.add_argument(
@@ -188,6 +195,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             stall_timeout=args.stall_timeout,
             probe_timeout=args.probe_timeout,
             checkpoint_interval=args.checkpoint_interval,
+            kernel_readahead=args.kernel_readahead,
             user_agent=args.user_agent,
             ca_bundle=args.ca_bundle,
             insecure=args.insecure,

@@ -141,7 +141,10 @@ class CacheStore:
             )
             stored = None
         if stored is None:
-            fresh = CacheMeta.from_remote(remote, self.block_size)
+            # An empty file is complete from the start: there is no block to wait for.
+            fresh = replace(
+                CacheMeta.from_remote(remote, self.block_size), complete=remote.size == 0
+            )
             return self._create_entry(directory, fresh, name)
         if stored.block_size != self.block_size:
             return self._rebase_entry(directory, stored, remote, name)

@@ -47,6 +47,9 @@ class MountOptions:
     probe_timeout: float = 10.0
     # The bitmap is saved at most this often while reads are downloading blocks.
     checkpoint_interval: float = 2.0
+    # How far ahead the kernel itself reads for sequential readers, which is also the largest
+    # read request it sends us (at most 1 MiB, FUSE's limit). Needs root; else 128 KiB.
+    kernel_readahead: int = 1 * MiB
     user_agent: str = "remotefs/0.1"
     ca_bundle: str | None = None
     insecure: bool = False

@@ -45,6 +45,20 @@ def fuse_options(options: MountOptions) -> set[str]:
     return opts
 
 
+def set_kernel_readahead(device: int, size: int) -> None:
+    """Let the kernel send reads of up to *size* bytes (its FUSE default is 128 KiB).
+
+    The kernel's readahead window for this mount is a sysfs knob of its backing device; only
+    root may raise it. With 1 MiB, a sequential reader costs a quarter as many FUSE requests
+    and round trips through this process. Failure is harmless: reads just stay smaller.
+    """
+    knob = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    try:
+        knob.write_text(f"{size // 1024}\n")
+    except OSError as err:
+        log.debug("kernel readahead left at its default (%s: %s)", knob, err.strerror)
+
+
 class Daemon:
     """One mount's lifetime; `run` returns after a clean unmount with all state saved."""
 
@@ -123,7 +137,8 @@ class Daemon:
 
     async def _announce_ready(self, on_ready: Callable[[], None]) -> None:
         """Call *on_ready* once the kernel routes a stat of the mountpoint to us."""
-        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        info = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        set_kernel_readahead(info.st_dev, self.options.kernel_readahead)
         files, _ = self.tree.counts()
         log.info("mounted %s (%d files)", self.mountpoint, files)
         sd_notify(f"READY=1\nSTATUS=serving {files} files")
