@@ -31,6 +31,10 @@ BITMAP_NAME = "bitmap"
 META_NAME = "meta"
 
 
+class FileRetiredError(Exception):
+    """A write to the cache of a file version that the origin no longer serves."""
+
+
 class CachedFile:
     """The local copy of one remote file, block by block."""
 
@@ -45,6 +49,10 @@ class CachedFile:
         self.remote: RemoteMeta = meta.remote()
         self._version = 0  # bumped on every bitmap change
         self._saved_version = 0
+        self._meta_dirty = False
+        #: Set when the origin's file changed: this object's bytes belong to an old version,
+        #: nothing may be written to or read from it any more.
+        self.retired = False
         self._save_lock = trio.Lock()
         self._fd = os.open(directory / DATA_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size != meta.size:
@@ -91,6 +99,8 @@ class CachedFile:
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Store one whole block, then mark it present (in that order: see module docstring)."""
+        if self.retired:
+            raise FileRetiredError(f"{self.name}: the remote file changed; block not stored")
         if len(data) != self.block_length(index):
             raise ValueError(f"block {index} of {self.name}: {len(data)} bytes")
         view = memoryview(data)
@@ -101,6 +111,24 @@ class CachedFile:
             offset += written
         self.bitmap.add(index)
         self._version += 1
+
+    def disable_ranges(self) -> None:
+        """Remember that the origin ignores Range: fetch this file as one stream from now on."""
+        if self.meta.accepts_ranges:
+            self.meta = replace(self.meta, accepts_ranges=False)
+            self.remote = self.meta.remote()
+            self._meta_dirty = True
+            self._version += 1
+
+    async def retire(self) -> None:
+        """Stop using this object (its file changed at the origin) and release its descriptor.
+
+        Waits for a save in progress, so no snapshot of the old version can land on disk
+        after the caller has reset the entry.
+        """
+        self.retired = True
+        async with self._save_lock:
+            self.close()
 
     def mark_dirty(self) -> None:
         """Force the next `save` to write the bitmap (after a conversion, say)."""
@@ -115,17 +143,20 @@ class CachedFile:
         the sync: the durable bitmap never runs ahead of the durable data.
         """
         async with self._save_lock:
-            if not self.dirty:
+            if not self.dirty or self.retired:
                 return
             version = self._version
             snapshot = encode_bitmap(self.bitmap)
             complete = self.complete
             await trio.to_thread.run_sync(os.fdatasync, self._fd)
             await trio.to_thread.run_sync(atomic_write, self.directory / BITMAP_NAME, snapshot)
-            if complete and not self.meta.complete:
-                self.meta = replace(self.meta, complete=True)
+            if (complete and not self.meta.complete) or self._meta_dirty:
+                newly_complete = complete and not self.meta.complete
+                self.meta = replace(self.meta, complete=complete)
+                self._meta_dirty = False
                 await trio.to_thread.run_sync(save_meta, self.directory / META_NAME, self.meta)
-                log.info("%s: complete on disk (%d bytes)", self.name, self.size)
+                if newly_complete:
+                    log.info("%s: complete on disk (%d bytes)", self.name, self.size)
             self._saved_version = version
 
     def close(self) -> None:

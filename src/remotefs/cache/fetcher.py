@@ -5,7 +5,8 @@ The life of a read (see docs/architecture.md for the full story):
 1. Blocks already present are served straight from the data file, with no await and no lock.
 2. Missing blocks that no download covers are grouped into contiguous runs; each run becomes
    one `Download` (one Range request), extended forward to the minimum request size but never
-   over a block that is present or already being fetched, and never past EOF.
+   over a block that is present or already being fetched, and never past EOF. A file whose
+   server ignores Range gets a single download of the whole body instead.
 3. The reader waits on the downloads that cover its blocks. A download writes and marks every
    whole block the moment it arrives and wakes its waiters, so two readers of one block share
    one request ("single flight"), and a reader at the start of a long request need not wait for
@@ -16,27 +17,41 @@ The life of a read (see docs/architecture.md for the full story):
 
 Downloads run in the fetcher's own nursery, not in the reader's task, so a reader that gives
 up does not cancel a request other readers share.
+
+Two conditions change the rules. When the origin's file changed (`RemoteChangedError`) the
+file is *retired*: its readers get EIO and the daemon replaces the entry. When the cache disk
+is full (ENOSPC) reads are served straight from the network, uncached, for a while.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 from pyroaring import BitMap
 
 from ..config.options import MountOptions
-from ..http.errors import HttpSourceError
+from ..http.errors import HttpSourceError, RangeNotSupportedError, RemoteChangedError
 from ..http.retry import retry_until
 from ..http.source import HttpSource
-from .cached_file import CachedFile
+from .cached_file import CachedFile, FileRetiredError
 
 log = logging.getLogger(__name__)
+
+#: After ENOSPC, how long reads bypass the cache before storing is tried again.
+CACHE_FULL_BACKOFF = 30.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ReadError(Exception):
     """A read could not be satisfied; the FUSE layer answers EIO. The message names the file."""
+
+
+class _CacheFullError(Exception):
+    """The cache disk is full: the download stopped; its readers fetch directly."""
 
 
 @dataclass(eq=False)
@@ -60,7 +75,10 @@ class Download:
 
 
 class _BlockAssembler:
-    """Cuts a byte stream that starts at a block boundary into whole blocks and stores them."""
+    """Cuts a byte stream that starts at a block boundary into whole blocks and stores them.
+
+    Blocks already present are skipped (a whole-body stream passes over them).
+    """
 
     def __init__(self, file: CachedFile, first_block: int, download: Download) -> None:
         self._file = file
@@ -76,22 +94,39 @@ class _BlockAssembler:
             length = file.block_length(self._block)
             if len(self._buffer) < length:
                 break
-            file.write_block(self._block, memoryview(self._buffer)[:length])
+            if self._block not in file.bitmap:
+                file.write_block(self._block, memoryview(self._buffer)[:length])
+                stored = True
             del self._buffer[:length]
             self._block += 1
-            stored = True
         if stored:
             self._download.notify()
+
+
+RemoteChangedCallback = Callable[[CachedFile, RemoteChangedError], None]
 
 
 class BlockFetcher:
     """Reads byte ranges of cached files, downloading what is missing exactly once."""
 
-    def __init__(self, source: HttpSource, options: MountOptions, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        source: HttpSource,
+        options: MountOptions,
+        nursery: trio.Nursery,
+        on_remote_changed: RemoteChangedCallback | None = None,
+    ) -> None:
         self._source = source
         self._options = options
         self._nursery = nursery
+        self._on_remote_changed = on_remote_changed
         self._inflight: dict[CachedFile, dict[int, Download]] = {}
+        self._cache_full_until = float("-inf")
+
+    @property
+    def cache_full(self) -> bool:
+        """True while reads bypass the cache because its disk was found full."""
+        return trio.current_time() < self._cache_full_until
 
     async def read(self, file: CachedFile, offset: int, size: int) -> bytes:
         """Return bytes ``[offset, offset+size)`` of *file*, short only at EOF."""
@@ -100,20 +135,51 @@ class BlockFetcher:
             return b""
         block_size = file.block_size
         first, last = offset // block_size, (end - 1) // block_size + 1
-        if not file.has_blocks(first, last):
-            # Safety net only: downloads have their own deadline; this bounds a reader even
-            # if a download were somehow never to finish.
-            limit = self._options.read_deadline + self._options.stall_timeout + 5
+        if file.has_blocks(first, last) and not file.retired:
+            return file.read(offset, end - offset)
+        if file.retired:
+            raise ReadError(f"{file.name}: the remote file changed; reopen it for the new version")
+        if not self.cache_full:
+            # Safety net: downloads have their own deadline; this bounds a reader even when
+            # it waits on a long whole-file stream.
+            limit = self._options.read_deadline + self._options.stall_timeout
             with trio.move_on_after(limit) as scope:
-                await self._ensure(file, first, last)
+                try:
+                    await self._ensure(file, first, last)
+                    return file.read(offset, end - offset)
+                except _CacheFullError:
+                    pass
             if scope.cancelled_caught:
                 raise ReadError(f"{file.name}: read at {offset} timed out after {limit:.0f}s")
-        return file.read(offset, end - offset)
+        return await self._read_direct(file, offset, end)
+
+    async def _read_direct(self, file: CachedFile, offset: int, end: int) -> bytes:
+        """Fetch ``[offset, end)`` from the network without caching it (cache disk full)."""
+        if not file.remote.accepts_ranges:
+            raise ReadError(f"{file.name}: cache disk full and the server does not do Range")
+        chunks: list[bytes] = []
+
+        async def attempt() -> None:
+            chunks.clear()
+            await self._source.fetch_range(file.remote, offset, end, chunks.append)
+
+        try:
+            await retry_until(
+                attempt,
+                deadline=trio.current_time() + self._options.read_deadline,
+                describe=f"{file.name}: bytes {offset}-{end - 1} (uncached)",
+            )
+        except HttpSourceError as err:
+            self._note_change(file, err)
+            raise ReadError(f"{file.name}: bytes at {offset}: {err}") from None
+        return b"".join(chunks)
 
     async def _ensure(self, file: CachedFile, first: int, last: int) -> None:
         """Wait until blocks ``[first, last)`` are present, starting downloads as needed."""
         inflight = self._inflight.setdefault(file, {})
         while True:
+            if file.retired:
+                raise ReadError(f"{file.name}: the remote file changed during the read")
             missing = BitMap()
             missing.add_range(first, last)
             missing -= file.bitmap
@@ -124,12 +190,21 @@ class BlockFetcher:
             download = inflight[block]
             while block not in file.bitmap and not download.done:
                 await download.wait_change()
-            if block not in file.bitmap:
-                cause = download.error
-                raise ReadError(f"{file.name}: bytes at {block * file.block_size}: {cause}")
+            if block in file.bitmap:
+                continue
+            cause = download.error
+            if isinstance(cause, _CacheFullError):
+                raise cause
+            if isinstance(cause, RangeNotSupportedError):
+                continue  # the file is now fetched as one stream: schedule again
+            raise ReadError(f"{file.name}: bytes at {block * file.block_size}: {cause}")
 
     def _schedule(self, file: CachedFile, inflight: dict[int, Download], missing: BitMap) -> None:
         """Start one download per run of missing blocks that nothing is fetching yet."""
+        if not file.remote.accepts_ranges:
+            if missing.min() not in inflight:
+                self._start(file, inflight, 0, file.nblocks, stream=True)
+            return
         min_blocks = max(1, self._options.min_request // file.block_size)
         run_start: int | None = None
         previous = -2
@@ -140,24 +215,84 @@ class BlockFetcher:
                 previous = block
                 continue
             if run_start is not None:
-                self._start(file, inflight, run_start, previous + 1, min_blocks)
+                self._start(
+                    file,
+                    inflight,
+                    run_start,
+                    self._grow(file, inflight, run_start, previous + 1, min_blocks),
+                )
             run_start = previous = block
         if run_start is not None:
-            self._start(file, inflight, run_start, previous + 1, min_blocks)
+            self._start(
+                file,
+                inflight,
+                run_start,
+                self._grow(file, inflight, run_start, previous + 1, min_blocks),
+            )
 
-    def _start(
-        self, file: CachedFile, inflight: dict[int, Download], first: int, end: int, min_blocks: int
-    ) -> None:
-        """Register and launch a download of ``[first, end)`` grown to *min_blocks* if free."""
+    @staticmethod
+    def _grow(
+        file: CachedFile, inflight: dict[int, Download], first: int, end: int, min_blocks: int
+    ) -> int:
+        """Extend ``[first, end)`` to *min_blocks* over blocks nobody has or is fetching."""
         target = min(max(end, first + min_blocks), file.nblocks)
         while end < target and end not in inflight and end not in file.bitmap:
             end += 1
+        return end
+
+    def _start(
+        self,
+        file: CachedFile,
+        inflight: dict[int, Download],
+        first: int,
+        end: int,
+        *,
+        stream: bool = False,
+    ) -> None:
+        """Register and launch a download of blocks ``[first, end)``."""
         download = Download(first, end)
         for block in range(first, end):
+            if stream and block in inflight:
+                continue
             inflight[block] = download
-        self._nursery.start_soon(self._run, file, inflight, download)
+        runner = self._run_stream if stream else self._run_ranges
+        self._nursery.start_soon(runner, file, inflight, download)
 
-    async def _run(
+    def _finish(self, file: CachedFile, inflight: dict[int, Download], download: Download) -> None:
+        download.done = True
+        for block in range(download.first, download.end):
+            if inflight.get(block) is download:
+                del inflight[block]
+        download.notify()
+
+    def _fail(self, file: CachedFile, download: Download, err: BaseException) -> None:
+        """Record why a download stopped and what follows from it."""
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            if not self.cache_full:
+                log.warning(
+                    "cache disk is full (%s); serving reads from the network without caching"
+                    " for %.0fs; nothing cached so far is lost",
+                    err.strerror,
+                    CACHE_FULL_BACKOFF,
+                )
+            self._cache_full_until = trio.current_time() + CACHE_FULL_BACKOFF
+            download.error = _CacheFullError(str(err))
+            return
+        download.error = err
+        if isinstance(err, FileRetiredError):
+            return
+        if isinstance(err, RangeNotSupportedError):
+            log.warning("%s: the server ignores Range; fetching the file as one stream", file.name)
+            file.disable_ranges()
+            return
+        log.error("%s: download failed: %s", file.name, err)
+        self._note_change(file, err)
+
+    def _note_change(self, file: CachedFile, err: BaseException) -> None:
+        if isinstance(err, RemoteChangedError) and self._on_remote_changed and not file.retired:
+            self._on_remote_changed(file, err)
+
+    async def _run_ranges(
         self, file: CachedFile, inflight: dict[int, Download], download: Download
     ) -> None:
         """Fetch a download's blocks with retries within the deadline; always wake waiters."""
@@ -165,21 +300,16 @@ class BlockFetcher:
         describe += f"{min(download.end * file.block_size, file.size) - 1}"
         try:
             await retry_until(
-                lambda: self._attempt(file, download),
+                lambda: self._attempt_range(file, download),
                 deadline=trio.current_time() + self._options.read_deadline,
                 describe=describe,
             )
-        except (HttpSourceError, OSError) as err:
-            download.error = err
-            log.error("%s: download failed: %s", file.name, err)
+        except (HttpSourceError, OSError, FileRetiredError) as err:
+            self._fail(file, download, err)
         finally:
-            download.done = True
-            for block in range(download.first, download.end):
-                if inflight.get(block) is download:
-                    del inflight[block]
-            download.notify()
+            self._finish(file, inflight, download)
 
-    async def _attempt(self, file: CachedFile, download: Download) -> None:
+    async def _attempt_range(self, file: CachedFile, download: Download) -> None:
         """One request for the download's blocks from the first one still missing."""
         block = download.first
         while block < download.end and block in file.bitmap:
@@ -190,3 +320,40 @@ class BlockFetcher:
         end = min(download.end * file.block_size, file.size)
         assembler = _BlockAssembler(file, block, download)
         await self._source.fetch_range(file.remote, start, end, assembler.feed)
+
+    async def _run_stream(
+        self, file: CachedFile, inflight: dict[int, Download], download: Download
+    ) -> None:
+        """Download the whole body once (server without Range), retrying while it progresses.
+
+        A body can take longer than any read deadline, so the deadline counts from the last
+        block that arrived, not from the start; readers have their own deadline meanwhile.
+        """
+        try:
+            while True:
+                before = len(file.bitmap)
+
+                async def attempt() -> None:
+                    assembler = _BlockAssembler(file, 0, download)
+                    await self._source.fetch_whole(file.remote, assembler.feed)
+
+                try:
+                    await retry_until(
+                        attempt,
+                        deadline=trio.current_time() + self._options.read_deadline,
+                        describe=f"{file.name}: whole-file stream",
+                        per_attempt_deadline=False,
+                    )
+                    return
+                except HttpSourceError:
+                    if len(file.bitmap) == before or file.complete:
+                        raise
+                    log.info(
+                        "%s: stream interrupted; continuing (%d blocks kept)",
+                        file.name,
+                        len(file.bitmap),
+                    )
+        except (HttpSourceError, OSError, FileRetiredError) as err:
+            self._fail(file, download, err)
+        finally:
+            self._finish(file, inflight, download)

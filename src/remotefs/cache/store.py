@@ -151,6 +151,31 @@ class CacheStore:
         # Same version: keep the blocks, but refresh what the probe says beyond validators.
         return self._open_entry(directory, stored, name)
 
+    async def replace(self, old: CachedFile, remote: RemoteMeta) -> CachedFile:
+        """Discard *old* (the origin's file changed) and start an empty entry for *remote*."""
+        await old.retire()
+        fresh = CacheMeta.from_remote(remote, self.block_size)
+        return self._create_entry(
+            old.directory, replace(fresh, complete=remote.size == 0), old.name
+        )
+
+    def adopt_download(self, url: str, remote: RemoteMeta, data: Path, name: str) -> CachedFile:
+        """Turn a finished whole-file download (of a file of unknown size) into a complete entry.
+
+        *data* is a file in the entry's directory holding every byte; *remote* has its size.
+        """
+        directory = self.entry_dir(url)
+        meta = replace(CacheMeta.from_remote(remote, self.block_size), complete=True)
+        with contextlib.suppress(FileNotFoundError):
+            (directory / BITMAP_NAME).unlink()
+        os.replace(data, directory / DATA_NAME)
+        bitmap = BitMap()
+        bitmap.add_range(0, -(-remote.size // self.block_size))
+        save_meta(directory / META_NAME, meta)
+        cached = CachedFile(directory, meta, bitmap, name)
+        cached.mark_dirty()
+        return cached
+
     def _create_entry(self, directory: Path, meta: CacheMeta, name: str) -> CachedFile:
         """Start an empty entry: bitmap gone first, so no stale claim can survive a crash."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

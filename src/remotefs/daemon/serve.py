@@ -12,10 +12,12 @@ checkpointer, the re-prober and the signal handler. Order of a mount:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pyfuse3
@@ -29,9 +31,11 @@ from ..config.manifest import ManifestEntry
 from ..config.options import MountOptions
 from ..fuse.ops import RemoteFsOperations
 from ..fuse.tree import Tree
-from ..http.source import HttpSource, RemoteMeta
+from ..http.errors import HttpSourceError, RemoteChangedError
+from ..http.retry import retry_until
+from ..http.source import UNKNOWN_SIZE, HttpSource, RemoteMeta
 from .notify import sd_notify
-from .probe import probe_all, reprobe_until_found
+from .probe import probe_all, probe_one, reprobe_until_found
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,9 @@ class Daemon:
         self.mountpoint = mountpoint
         self.store = CacheStore(options.cache_dir, options.block_size)
         self.tree = Tree()
+        self._source = HttpSource(options)
+        self._nursery: trio.Nursery | None = None
+        self._changing: set[CachedFile] = set()
 
     def open_cache(self) -> None:
         """Take the cache lock (raises `CacheDirError`); done before forking the parent away."""
@@ -77,12 +84,14 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[], None]) -> None:
         """Probe, mount, serve until unmounted or signalled, then save and unmount."""
-        source = HttpSource(self.options)
         mounted = False
         try:
             async with trio.open_nursery() as nursery:
-                fetcher = BlockFetcher(source, self.options, nursery)
-                missing = await self._build_tree(source)
+                self._nursery = nursery
+                fetcher = BlockFetcher(
+                    self._source, self.options, nursery, on_remote_changed=self._remote_changed
+                )
+                await self._build_tree()
                 ops = RemoteFsOperations(self.tree, fetcher, self.options.block_size)
                 pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options))
                 mounted = True
@@ -90,8 +99,6 @@ class Daemon:
                 nursery.start_soon(
                     run_checkpointer, self._cached_files, self.options.checkpoint_interval
                 )
-                for entry in missing:
-                    nursery.start_soon(reprobe_until_found, source, entry, self.options, self._add)
                 nursery.start_soon(self._announce_ready, on_ready)
                 await pyfuse3.main()
                 log.info("unmounted; saving state")
@@ -99,7 +106,7 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await save_all(self._cached_files())
-                await source.aclose()
+                await self._source.aclose()
             if mounted:
                 pyfuse3.close(unmount=True)
             for node in self.tree.files():
@@ -110,30 +117,121 @@ class Daemon:
     def _cached_files(self) -> list[CachedFile]:
         return [node.cached for node in self.tree.files()]
 
-    async def _build_tree(self, source: HttpSource) -> list[ManifestEntry]:
-        """Probe all URLs and add every usable one; return the entries to re-probe later."""
-        results = await probe_all(source, self.entries, self.options)
-        missing = []
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # -- building the tree ---------------------------------------------------------------------
+
+    async def _build_tree(self) -> None:
+        """Probe all URLs and place each one; unreachable ones are re-probed in the background."""
+        results = await probe_all(self._source, self.entries, self.options)
         for entry in self.entries:
             result = results[entry.url]
+            if isinstance(result, RemoteMeta):
+                self._place(entry, result)
+                continue
             name = "/".join(entry.path)
-            remote = result if isinstance(result, RemoteMeta) else None
-            cached = self.store.attach(entry.url, remote, name)
+            cached = self.store.attach(entry.url, None, name)
             if cached is None:
                 log.warning("%s: not shown until its URL answers: %s", name, result)
-                missing.append(entry)
-                continue
-            if remote is None:
+                self._spawn(reprobe_until_found, self._source, entry, self.options, self._found)
+            else:
                 log.warning("%s: origin unreachable (%s); serving cached bytes only", name, result)
-            self.tree.add_file(entry.path, cached)
+                self.tree.add_file(entry.path, cached)
         files, _ = self.tree.counts()
         log.info("%d of %d URLs ready", files, len(self.entries))
-        return missing
 
-    async def _add(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
-        cached = self.store.attach(entry.url, remote, "/".join(entry.path))
-        if cached is not None:
-            self.tree.add_file(entry.path, cached)
+    def _place(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
+        """Show *entry* as the probed version *remote*; a file of unknown size is fetched first."""
+        name = "/".join(entry.path)
+        if remote.size == UNKNOWN_SIZE:
+            stored = self.store.known_meta(entry.url)
+            if stored is not None and stored.complete and stored.remote().same_version(remote):
+                cached = self.store.attach(entry.url, None, name)
+                if cached is not None and cached.complete:
+                    self.tree.add_file(entry.path, cached)
+                    return
+            log.info("%s: the server sends no length; listed once downloaded", name)
+            self._spawn(self._download_unknown_size, entry, remote)
+            return
+        cached = self.store.attach(entry.url, remote, name)
+        assert cached is not None
+        self.tree.add_file(entry.path, cached)
+
+    async def _found(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
+        self._place(entry, remote)
+
+    async def _download_unknown_size(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
+        """Fetch a file whose server announces no length, then list it (it is complete)."""
+        name = "/".join(entry.path)
+        directory = self.store.entry_dir(entry.url)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        part = directory / "download.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        written = 0
+
+        def store(chunk: bytes) -> None:
+            nonlocal written
+            os.pwrite(fd, chunk, written)
+            written += len(chunk)
+
+        async def attempt() -> int:
+            nonlocal written
+            written = 0
+            os.ftruncate(fd, 0)
+            return await self._source.fetch_whole(remote, store)
+
+        try:
+            size = await retry_until(
+                attempt,
+                deadline=trio.current_time() + self.options.read_deadline,
+                describe=f"{name}: download",
+                per_attempt_deadline=False,
+            )
+            await trio.to_thread.run_sync(os.fsync, fd)
+        except (HttpSourceError, OSError) as err:
+            log.error("%s: download failed (%s); trying again later", name, err)
+            self._spawn(reprobe_until_found, self._source, entry, self.options, self._found)
+            return
+        finally:
+            os.close(fd)
+        final = replace(remote, size=size)
+        self.tree.add_file(entry.path, self.store.adopt_download(entry.url, final, part, name))
+        log.info("%s: downloaded (%d bytes); now listed", name, size)
+
+    # -- remote changes -----------------------------------------------------------------------
+
+    def _remote_changed(self, cached: CachedFile, err: RemoteChangedError) -> None:
+        """The origin now serves another version: drop the old blocks, show the new file."""
+        if cached.retired or cached in self._changing:
+            return
+        self._changing.add(cached)
+        log.warning(
+            "%s: the remote file changed (%s); discarding its cached blocks; readers of the"
+            " old version get EIO",
+            cached.name,
+            err,
+        )
+        self._spawn(self._replace_changed, cached)
+
+    async def _replace_changed(self, cached: CachedFile) -> None:
+        node = next((n for n in self.tree.files() if n.cached is cached), None)
+        try:
+            result = await probe_one(self._source, cached.remote.url, self.options.probe_timeout)
+            if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
+                replacement = await self.store.replace(cached, result)
+                if node is not None:
+                    node.cached = replacement
+                log.info("%s: now serving the new version (%d bytes)", cached.name, result.size)
+            else:
+                await cached.retire()
+                log.warning("%s: cannot probe the new version yet: %s", cached.name, result)
+        finally:
+            self._changing.discard(cached)
+        if node is not None:
+            # Drop the kernel's cached pages and attributes (the size may have changed).
+            await trio.to_thread.run_sync(invalidate_inode, node.inode)
 
     async def _announce_ready(self, on_ready: Callable[[], None]) -> None:
         """Call *on_ready* once the kernel routes a stat of the mountpoint to us."""
@@ -150,3 +248,12 @@ class Daemon:
                 log.info("got %s; unmounting", signal.Signals(signum).name)
                 pyfuse3.terminate()
                 return
+
+
+def invalidate_inode(inode: int) -> None:
+    """Ask the kernel to forget an inode's cached data and attributes (runs in a thread)."""
+    try:
+        pyfuse3.invalidate_inode(pyfuse3.InodeT(inode), attr_only=False)
+    except OSError as err:
+        if err.errno != errno.ENOENT:  # the kernel had nothing cached for it
+            log.warning("could not invalidate inode %d: %s", inode, err)

@@ -15,6 +15,7 @@ import time
 
 import pyfuse3
 
+from ..cache.cached_file import CachedFile
 from ..cache.fetcher import BlockFetcher, ReadError
 from .tree import DirNode, FileNode, Node, Tree
 
@@ -46,6 +47,10 @@ class RemoteFsOperations(pyfuse3.Operations):
         self._gid = os.getgid()
         self._mount_time_ns = time.time_ns()
         self._sorted_children: dict[int, list[tuple[str, int]]] = {}
+        # Each open handle keeps the file version it opened: when the origin's file changes,
+        # the node gets a new CachedFile and old handles keep failing instead of mixing.
+        self._handles: dict[int, CachedFile] = {}
+        self._next_handle = 1
 
     # -- attributes --------------------------------------------------------------------------
 
@@ -134,25 +139,28 @@ class RemoteFsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise _erofs()
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[handle] = node.cached
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
         # without the daemon noticing, and then it invalidates the inode itself.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        node = self._tree.nodes.get(fh)
-        if not isinstance(node, FileNode):
+        cached = self._handles.get(fh)
+        if cached is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            return await self._fetcher.read(node.cached, off, size)
+            return await self._fetcher.read(cached, off, size)
         except ReadError as err:
             log.error("read failed: %s", err)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as err:
-            log.error("%s: local cache error: %s", node.cached.name, err)
+            log.error("%s: local cache error: %s", cached.name, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        return None
+        self._handles.pop(fh, None)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None

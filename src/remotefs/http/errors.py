@@ -14,9 +14,13 @@ class HttpSourceError(Exception):
 
     transient: bool = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: The HTTP status behind the error, when there was one.
+        self.status = status
 
 
 class TransientError(HttpSourceError):

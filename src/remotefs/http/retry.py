@@ -30,18 +30,23 @@ async def retry_until(
     *,
     deadline: float,
     describe: str,
+    per_attempt_deadline: bool = True,
 ) -> T:
     """Run *attempt* until it succeeds, fails permanently, or the trio-clock *deadline* passes.
 
     Transient `HttpSourceError`s are retried; anything else propagates at once. When the next
     sleep would cross the deadline, the last transient error is raised instead, so the caller's
-    total wait is bounded by the deadline plus one attempt's own timeouts.
+    total wait is bounded by the deadline plus one attempt's own timeouts. An attempt still
+    running at the deadline is cancelled, unless *per_attempt_deadline* is False (a long
+    stream that makes progress must not be cut off; its stall timeout bounds it instead).
     """
     backoff = INITIAL_BACKOFF
     tries = 0
     while True:
         tries += 1
         try:
+            if not per_attempt_deadline:
+                return await attempt()
             with trio.fail_after(max(0.0, deadline - trio.current_time()) or 0.001):
                 return await attempt()
         except trio.TooSlowError:

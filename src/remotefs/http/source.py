@@ -23,8 +23,9 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import trio
@@ -41,9 +42,16 @@ from .errors import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
 _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Statuses from a remembered redirect target that mean "that URL expired", not "the file is
+# gone": the original URL is resolved again before the error is believed.
+_EXPIRED_TARGET_STATUSES = frozenset({400, 401, 403, 404, 410})
+
+#: `RemoteMeta.size` of a file whose server sends no length (chunked, no Content-Range total).
+UNKNOWN_SIZE = -1
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,13 @@ class RemoteMeta:
 
     def same_version(self, other: RemoteMeta) -> bool:
         """True when *other* describes the same bytes: same size and same validators."""
-        if self.size != other.size:
+        unknown = UNKNOWN_SIZE in (self.size, other.size)
+        if self.size != other.size and not unknown:
             return False
         if self.etag and other.etag:
             return self.etag == other.etag
+        if unknown:  # only a validator can vouch for a file whose length is not announced
+            return bool(self.last_modified and self.last_modified == other.last_modified)
         return self.last_modified == other.last_modified
 
 
@@ -116,7 +127,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]+", value):  # str.isdigit() accepts "²", which float() rejects
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -131,7 +142,7 @@ def error_for_status(status: int, what: str, retry_after: str | None = None) -> 
         return TransientError(f"{what}: HTTP {status}", retry_after=parse_retry_after(retry_after))
     if status in (412, 416):
         return RemoteChangedError(f"{what}: HTTP {status}: the remote file changed")
-    return PermanentError(f"{what}: HTTP {status}")
+    return PermanentError(f"{what}: HTTP {status}", status=status)
 
 
 class HttpSource:
@@ -164,6 +175,7 @@ class HttpSource:
         )
         self.bytes_received = 0
         self.requests_sent = 0
+        self._targets: dict[str, str] = {}
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
@@ -177,11 +189,11 @@ class HttpSource:
             accepts_ranges = headers.get("accept-ranges", "").strip().lower() != "none"
             if response.status_code == 206:
                 crange = parse_content_range(headers.get("content-range"))
-                if crange is None or crange.start != 0 or crange.total is None:
+                if crange is None or crange.start != 0:
                     raise ProtocolViolationError(
                         f"{what}: 206 with unusable Content-Range {headers.get('content-range')!r}"
                     )
-                size = crange.total
+                size = UNKNOWN_SIZE if crange.total is None else crange.total
             elif response.status_code == 416:
                 crange = parse_content_range(headers.get("content-range"))
                 if crange is None or crange.total is None:
@@ -189,12 +201,12 @@ class HttpSource:
                 size = crange.total  # an empty file cannot satisfy bytes=0-0
             elif response.status_code == 200:
                 accepts_ranges = False
-                length = headers.get("content-length")
-                if length is None or not length.isdigit():
-                    raise PermanentError(f"{what}: no Range support and no Content-Length")
-                size = int(length)
+                length = headers.get("content-length", "").strip()
+                # No Content-Length (a chunked body): the size is known only after a download.
+                size = int(length) if re.fullmatch(r"[0-9]+", length) else UNKNOWN_SIZE
             else:
                 raise error_for_status(response.status_code, what, headers.get("retry-after"))
+            self._remember_target(url, response)
             return RemoteMeta(
                 url=url,
                 size=size,
@@ -220,23 +232,98 @@ class HttpSource:
         """
         if not 0 <= start < end <= meta.size:
             raise ValueError(f"bad range [{start}, {end}) for size {meta.size}")
-        what = f"GET {redact_url(meta.url)} bytes {start}-{end - 1}"
         headers = {"Range": f"bytes={start}-{end - 1}"}
         validator = meta.validator
         if validator:
             headers["If-Range"] = validator
-        async with self._limiter, self._request(meta.url, headers, what) as response:
-            self._check_range_response(response, meta, start, end, what, bool(validator))
-            expected = end - start
-            received = 0
-            async for chunk in response.aiter_raw():
-                if received + len(chunk) > expected:
-                    raise ProtocolViolationError(f"{what}: body longer than the range")
-                received += len(chunk)
-                self.bytes_received += len(chunk)
-                on_data(chunk)
-            if received != expected:
-                raise TransientError(f"{what}: body ended after {received} of {expected} bytes")
+        what = f"GET {redact_url(meta.url)} bytes {start}-{end - 1}"
+
+        async def attempt(url: str) -> None:
+            async with self._limiter, self._request(url, headers, what) as response:
+                self._check_range_response(response, meta, start, end, what, bool(validator))
+                self._remember_target(meta.url, response)
+                await self._stream_body(response, end - start, on_data, what)
+
+        await self._via_remembered_target(meta.url, attempt)
+
+    async def fetch_whole(self, meta: RemoteMeta, on_data: Callable[[bytes], None]) -> int:
+        """Stream the whole body of *meta*'s file (for servers without Range); return its size.
+
+        The response must be a 200 of the same version: same ETag when both sides have one,
+        and the known size when the server sends a length. A file of unknown size takes
+        whatever length the body turns out to have.
+        """
+        what = f"GET {redact_url(meta.url)} (whole file)"
+
+        async def attempt(url: str) -> int:
+            async with self._limiter, self._request(url, {}, what) as response:
+                if response.status_code != 200:
+                    raise error_for_status(
+                        response.status_code, what, response.headers.get("retry-after")
+                    )
+                etag = response.headers.get("etag")
+                if etag and meta.etag and etag != meta.etag:
+                    raise RemoteChangedError(f"{what}: ETag changed: the remote file changed")
+                length = response.headers.get("content-length", "").strip()
+                size = int(length) if re.fullmatch(r"[0-9]+", length) else UNKNOWN_SIZE
+                if meta.size != UNKNOWN_SIZE and size not in (meta.size, UNKNOWN_SIZE):
+                    raise RemoteChangedError(
+                        f"{what}: size is now {size}, was {meta.size}: the remote file changed"
+                    )
+                expected = meta.size if meta.size != UNKNOWN_SIZE else size
+                self._remember_target(meta.url, response)
+                return await self._stream_body(response, expected, on_data, what)
+
+        return await self._via_remembered_target(meta.url, attempt)
+
+    async def _stream_body(
+        self,
+        response: httpx.Response,
+        expected: int,
+        on_data: Callable[[bytes], None],
+        what: str,
+    ) -> int:
+        """Feed the raw body to *on_data*; a body of the wrong length is an error.
+
+        *expected* is UNKNOWN_SIZE for a body whose end only the server knows.
+        """
+        received = 0
+        async for chunk in response.aiter_raw():
+            if expected != UNKNOWN_SIZE and received + len(chunk) > expected:
+                raise ProtocolViolationError(f"{what}: body longer than expected")
+            received += len(chunk)
+            self.bytes_received += len(chunk)
+            on_data(chunk)
+        if expected != UNKNOWN_SIZE and received != expected:
+            raise TransientError(f"{what}: body ended after {received} of {expected} bytes")
+        return received
+
+    async def _via_remembered_target(self, url: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """Run *attempt* on the remembered redirect target of *url*, else on *url* itself.
+
+        Redirect targets are often short-lived presigned URLs: if the remembered one fails
+        with a status that can mean "expired", it is forgotten and *url* is resolved again
+        (following its redirects) before the error is believed.
+        """
+        target = self._targets.get(url)
+        if target is not None:
+            try:
+                return await attempt(target)
+            except PermanentError as err:
+                if (
+                    isinstance(err, RemoteChangedError)
+                    or err.status not in _EXPIRED_TARGET_STATUSES
+                ):
+                    raise
+                log.info("%s: redirect target failed (%s); resolving again", redact_url(url), err)
+                self._targets.pop(url, None)
+        return await attempt(url)
+
+    def _remember_target(self, url: str, response: httpx.Response) -> None:
+        """Remember where *url* redirected to, saving a round trip on every later request."""
+        final = str(response.url)
+        if response.history and final != url:
+            self._targets[url] = final
 
     def _check_range_response(
         self,
@@ -250,7 +337,9 @@ class HttpSource:
         """Accept only a 206 whose Content-Range is exactly the range asked, of the known size."""
         status = response.status_code
         if status == 200:
-            if sent_validator and meta.accepts_ranges:
+            # A 200 to If-Range means "changed" -- or a server that ignores Range. The
+            # validators of the response tell which; without them, assume the worst.
+            if sent_validator and not _same_validators(meta, response.headers):
                 raise RemoteChangedError(f"{what}: whole body sent for If-Range: file changed")
             raise RangeNotSupportedError(f"{what}: the server ignored the Range header")
         if status != 206:
@@ -302,6 +391,15 @@ class _Exchange:
                 raise _map_httpx_error(err, self._what) from err
         if isinstance(exc, httpx.HTTPError):
             raise _map_httpx_error(exc, self._what) from exc
+
+
+def _same_validators(meta: RemoteMeta, headers: httpx.Headers) -> bool:
+    """True when a response's validators prove it is the version *meta* describes."""
+    etag = headers.get("etag")
+    if meta.etag and etag:
+        return bool(etag == meta.etag)
+    modified = headers.get("last-modified")
+    return bool(meta.last_modified and modified and modified == meta.last_modified)
 
 
 def _map_httpx_error(err: httpx.HTTPError, what: str) -> HttpSourceError:
