@@ -60,15 +60,22 @@ def remote(size: int = 3 * BS + 100, etag: str | None = '"v1"', url: str = URL) 
     )
 
 
-def make_options(tmp_path: Path, **overrides: float) -> MountOptions:
-    settings: dict[str, float] = {
-        "read_deadline": 3,
-        "probe_timeout": 3,
-        "stall_timeout": 2,
-        "connect_timeout": 2,
-    }
-    settings.update(overrides)
-    return MountOptions(cache_dir=tmp_path / "cache", **settings)
+def make_options(
+    tmp_path: Path,
+    *,
+    read_deadline: float = 3,
+    stall_timeout: float = 2,
+    connect_timeout: float = 2,
+    min_request: int = 256 * 1024,
+) -> MountOptions:
+    return MountOptions(
+        cache_dir=tmp_path / "cache",
+        read_deadline=read_deadline,
+        probe_timeout=3,
+        stall_timeout=stall_timeout,
+        connect_timeout=connect_timeout,
+        min_request=min_request,
+    )
 
 
 def open_store(root: Path, block_size: int = BS) -> CacheStore:
@@ -235,7 +242,7 @@ def test_second_store_on_same_directory_fails_naming_the_pid(tmp_path: Path) -> 
         began = time.monotonic()
         with pytest.raises(CacheDirError) as info:
             second.open(wait=0.2)
-        assert 0.2 <= time.monotonic() - began < 2
+        assert 0.2 <= time.monotonic() - began < 3
         assert f"pid {os.getpid()}" in str(info.value)
         assert str(root) in str(info.value)
         assert (root / "lock").read_text() == f"{os.getpid()}\n"  # not clobbered
@@ -293,6 +300,34 @@ def test_same_version_keeps_blocks_across_restarts(tmp_path: Path) -> None:
             assert not cached.dirty
             for index, data in blocks.items():
                 assert cached.read(index * BS, len(data)) == data
+        finally:
+            cached.close()
+    finally:
+        store.close()
+
+
+def test_same_version_refreshes_what_the_probe_says_beyond_validators(tmp_path: Path) -> None:
+    """store.attach promises "keep the blocks, but refresh what the probe says beyond validators".
+
+    BUG: it reopens the entry with the *stored* metadata instead. An entry cached while the
+    origin ignored Range (accepts_ranges False, persisted by CachedFile.disable_ranges) stays
+    in whole-file streaming mode for ever, even after a fresh probe saw a 206.
+    """
+    before = replace(remote(), accepts_ranges=False, content_type="text/plain")
+    store = open_store(tmp_path / "cache")
+    try:
+        cached = attach(store, before)
+        cached.write_block(0, b"\x01" * BS)
+        trio.run(cached.save)
+        cached.close()
+
+        fresh = remote()  # same size and ETag; now with Range support and another type
+        assert fresh.same_version(before)
+        cached = attach(store, fresh)
+        try:
+            assert cached.bitmap == BitMap([0])  # same version: blocks kept
+            assert cached.remote.content_type == fresh.content_type
+            assert cached.remote.accepts_ranges is True
         finally:
             cached.close()
     finally:
@@ -825,7 +860,7 @@ def test_concurrent_readers_share_one_request(
     data = write_random(origin_root / "f.bin", size)
     # Every reader's first block is block 0, so whichever task trio runs first starts the one
     # download of blocks 0-3 and the others wait on it.
-    reads = [(10, 100), (0, BS), (5, 10), (BS - 1, 2), (0, 3 * BS)]
+    reads = [(10, 100), (0, BS), (5, 10), (BS - 1, 2), (0, 4 * BS)]
 
     async def body(stack: Stack) -> dict[int, bytes]:
         origin.delay = 0.2
@@ -842,7 +877,7 @@ def test_concurrent_readers_share_one_request(
 
     began = time.monotonic()
     results = run_fetcher(make_options(tmp_path), origin.url("f.bin"), origin, body)
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < 5
     for index, (offset, count) in enumerate(reads):
         assert results[index] == data[offset : offset + count]
     assert origin.wait_idle()
@@ -873,7 +908,7 @@ def test_outage_gives_read_error_in_time_but_cached_blocks_still_read(
         assert 8 not in stack.cached.bitmap
 
         origin.start()  # back: the next read starts a new download
-        assert await read(stack.cached, 8 * BS, 10) == data[8 * BS : 8 * BS + 10]
+        assert await read(stack.cached, 8 * BS, 4 * BS) == data[8 * BS :]
 
     run_fetcher(options, origin.url("f.bin"), origin, body)
     assert origin.served_ranges("/f.bin") == [(0, 4 * BS), (8 * BS, 12 * BS)]
@@ -918,7 +953,7 @@ def test_cut_body_keeps_whole_blocks_and_retries_only_the_rest(
     with server:
         run_fetcher(options, server.url("f.bin"), server, body)
         assert server.wait_idle()
-        first, second = server.served_ranges("/f.bin")
+        first, second = sorted(server.served_ranges("/f.bin"))
     assert first == (0, CutOnce.cut)
     # The two whole blocks received are kept; the retry starts at the first missing block.
     assert second == (2 * BS, 8 * BS)
@@ -938,7 +973,7 @@ def test_fetcher_read_of_changed_file_fails_fast(
         began = time.monotonic()
         with pytest.raises(ReadError, match="changed"):
             await stack.fetcher.read(stack.cached, 0, 10)
-        assert time.monotonic() - began < 1  # permanent: no retrying until the deadline
+        assert time.monotonic() - began < 2  # permanent: no retrying until the deadline
         assert len(stack.cached.bitmap) == 0
 
     run_fetcher(make_options(tmp_path), origin.url("f.bin"), origin, body)

@@ -148,8 +148,14 @@ class CacheStore:
             return self._create_entry(directory, fresh, name)
         if stored.block_size != self.block_size:
             return self._rebase_entry(directory, stored, remote, name)
-        # Same version: keep the blocks, but refresh what the probe says beyond validators.
-        return self._open_entry(directory, stored, name)
+        # Same version: keep the blocks, but refresh what the probe says beyond validators
+        # (a server that learned Range, a corrected Content-Type).
+        refreshed = replace(
+            stored, content_type=remote.content_type, accepts_ranges=remote.accepts_ranges
+        )
+        if refreshed != stored:
+            save_meta(directory / META_NAME, refreshed)
+        return self._open_entry(directory, refreshed, name)
 
     async def replace(self, old: CachedFile, remote: RemoteMeta) -> CachedFile:
         """Discard *old* (the origin's file changed) and start an empty entry for *remote*."""

@@ -44,7 +44,9 @@ from .errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(
+    r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE | re.ASCII
+)
 _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # Statuses from a remembered redirect target that mean "that URL expired", not "the file is
 # gone": the original URL is resolved again before the error is believed.
