@@ -1,0 +1,403 @@
+"""remotefs benchmark: real workloads through real mounts, each beside same-run baselines.
+
+    sudo .venv/bin/python -m bench.run                  # loopback, 1 GiB
+    sudo .venv/bin/python -m bench.run --rtt 0.02       # 20 ms per request
+    sudo .venv/bin/python -m bench.run --rate 100M      # 100 MB/s per connection
+    sudo .venv/bin/python -m bench.run --size 256M --quick
+
+Machines here are shared and noisy, so every figure is reported next to baselines measured
+in the same run against the same origin: ``curl`` of the same file (what the link gives one
+connection) and a read of the local copy (what the disk and page cache give). Peers
+(httpfs2, rclone with ``--vfs-cache-mode full``, httpdirfs) are measured too when installed.
+Results go to ``bench/results/<timestamp>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import make_ext4_image, make_random_file, make_zip
+from .origin import ShapedOrigin
+from .systems import System, available_systems
+
+MiB = 1024 * 1024
+Metrics = dict[str, Any]
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1024, "M": MiB, "G": 1024 * MiB}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def drop_page_cache() -> bool:
+    """Drop the kernel's page cache (root only) so 'cold' means cold."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def timed(command: list[str], *, timeout: float = 1800) -> float:
+    """Run *command*, fail loudly if it fails, return its wall time in seconds."""
+    started = time.monotonic()
+    subprocess.run(command, check=True, capture_output=True, timeout=timeout)
+    return time.monotonic() - started
+
+
+def dd_read(path: Path, *, skip_mib: int = 0, count_mib: int | None = None) -> list[str]:
+    command = ["dd", f"if={path}", "of=/dev/null", "bs=1M", f"skip={skip_mib}"]
+    if count_mib is not None:
+        command.append(f"count={count_mib}")
+    return command
+
+
+@dataclass
+class Bench:
+    """One benchmark run: the origin, the data, and the results gathered so far."""
+
+    work: Path
+    origin: ShapedOrigin
+    size: int
+    zip_members: int
+    quick: bool
+    results: dict[str, dict[str, Metrics]] = field(default_factory=dict)
+    ext4_content: Path | None = None
+
+    def origin_delta(self) -> Callable[[], Metrics]:
+        """Start counting origin traffic; the returned function reads the counts."""
+        self.origin.wait_idle(30)
+        self.origin.reset_counters()
+
+        def read() -> Metrics:
+            self.origin.wait_idle(30)
+            records = [r for r in self.origin.requests if r.method == "GET"]
+            return {
+                "origin_requests": len(records),
+                "origin_bytes": sum(r.body_bytes for r in records),
+            }
+
+        return read
+
+    def record(self, system: str, workload: str, metrics: Metrics) -> None:
+        self.results.setdefault(workload, {})[system] = metrics
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        print(f"  {workload:<24} {system:<10} {shown}", flush=True)
+
+    # -- baselines ---------------------------------------------------------------------------
+
+    def baselines(self) -> None:
+        local = self.origin.root / "big.bin"
+        url = self.origin.url("big.bin")
+        counts = self.origin_delta()
+        seconds = timed(["curl", "-sS", "--fail", "-o", "/dev/null", url])
+        self.record("curl", "cold_sequential", {"MBps": self.size / seconds / 1e6, **counts()})
+        if drop_page_cache():
+            seconds = timed(dd_read(local))
+            self.record("local", "cold_sequential", {"MBps": self.size / seconds / 1e6})
+        timed(dd_read(local))
+        seconds = timed(dd_read(local))
+        self.record("local", "warm_reread", {"MBps": self.size / seconds / 1e6})
+        counts = self.origin_delta()
+        started = time.monotonic()
+        subprocess.run(
+            ["unzip", "-l", str(self.origin.root / "big.zip")], check=True, capture_output=True
+        )
+        self.record("local", "unzip_list", {"seconds": time.monotonic() - started})
+
+    # -- workloads on a mounted system ---------------------------------------------------------
+
+    def sequential(self, system: System) -> None:
+        with system.mounted(["big.bin"], fresh=True) as files:
+            path = files.path("big.bin")
+            counts = self.origin_delta()
+            drop_page_cache()
+            seconds = timed(dd_read(path))
+            metrics = {"MBps": self.size / seconds / 1e6, **counts()}
+            if files.pid:
+                metrics["daemon_peak_rss_MiB"] = _peak_rss_mib(files.pid)
+            self.record(system.name, "cold_sequential", metrics)
+            seconds = timed(dd_read(path))
+            self.record(system.name, "warm_reread", {"MBps": self.size / seconds / 1e6})
+            if drop_page_cache():
+                counts = self.origin_delta()
+                seconds = timed(dd_read(path))
+                self.record(
+                    system.name,
+                    "warm_reread_dropped",
+                    {"MBps": self.size / seconds / 1e6, **counts()},
+                )
+        if system.persistent:
+            with system.mounted(["big.bin"], fresh=False) as files:
+                drop_page_cache()
+                counts = self.origin_delta()
+                seconds = timed(dd_read(files.path("big.bin")))
+                self.record(
+                    system.name, "restart_reread", {"MBps": self.size / seconds / 1e6, **counts()}
+                )
+
+    def parallel_sequential(self, system: System, readers: int = 4) -> None:
+        with system.mounted(["big.bin"], fresh=True) as files:
+            path = files.path("big.bin")
+            share = self.size // MiB // readers
+            counts = self.origin_delta()
+            drop_page_cache()
+            started = time.monotonic()
+            processes = [
+                subprocess.Popen(
+                    dd_read(path, skip_mib=index * share, count_mib=share),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for index in range(readers)
+            ]
+            for process in processes:
+                if process.wait(timeout=1800) != 0:
+                    raise RuntimeError(f"dd failed on {system.name}")
+            seconds = time.monotonic() - started
+            self.record(
+                system.name,
+                f"{readers}_sequential_readers",
+                {"MBps": readers * share * MiB / seconds / 1e6, **counts()},
+            )
+
+    def random_reads(self, system: System) -> None:
+        ios = 200 if self.quick else 1000
+        jobs = {
+            "random_4k_qd1": ["--ioengine=psync", "--iodepth=1", "--numjobs=1"],
+            "random_4k_qd8": ["--ioengine=libaio", "--iodepth=8", "--numjobs=1"],
+            "random_4k_8jobs": ["--ioengine=psync", "--iodepth=1", "--numjobs=8"],
+        }
+        for name, extra in jobs.items():
+            with system.mounted(["big.bin"], fresh=True) as files:
+                counts = self.origin_delta()
+                result = subprocess.run(
+                    [
+                        "fio",
+                        "--name=rand",
+                        f"--filename={files.path('big.bin')}",
+                        "--rw=randread",
+                        "--bs=4k",
+                        "--direct=1",
+                        "--readonly",
+                        f"--size={self.size}",
+                        f"--number_ios={ios}",
+                        "--group_reporting",
+                        "--output-format=json",
+                        "--randrepeat=1",
+                        "--norandommap",
+                        *extra,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=1800,
+                )
+                job = json.loads(result.stdout)["jobs"][0]["read"]
+                latency = job.get("clat_ns", {}).get("percentile", {})
+                traffic = counts()
+                reads = max(1, job["total_ios"])
+                self.record(
+                    system.name,
+                    name,
+                    {
+                        "IOPS": job["iops"],
+                        "p50_ms": latency.get("50.000000", 0) / 1e6,
+                        "p99_ms": latency.get("99.000000", 0) / 1e6,
+                        "KiB_per_read": traffic["origin_bytes"] / reads / 1024,
+                        **traffic,
+                    },
+                )
+
+    def unzip_list(self, system: System) -> None:
+        with system.mounted(["big.zip"], fresh=True) as files:
+            counts = self.origin_delta()
+            started = time.monotonic()
+            subprocess.run(
+                ["unzip", "-l", str(files.path("big.zip"))], check=True, capture_output=True
+            )
+            seconds = time.monotonic() - started
+            traffic = counts()
+            zip_size = (self.origin.root / "big.zip").stat().st_size
+            self.record(
+                system.name,
+                "unzip_list",
+                {
+                    "seconds": seconds,
+                    "percent_of_zip": 100 * traffic["origin_bytes"] / zip_size,
+                    **traffic,
+                },
+            )
+
+    def ext4_find_and_read(self, system: System) -> None:
+        if os.geteuid() != 0:
+            return
+        with system.mounted(["disk.img"], fresh=True) as files:
+            target = self.work / "ext4-mnt"
+            target.mkdir(exist_ok=True)
+            counts = self.origin_delta()
+            started = time.monotonic()
+            subprocess.run(
+                ["mount", "-o", "loop,ro", str(files.path("disk.img")), str(target)], check=True
+            )
+            try:
+                subprocess.run(
+                    f"find {target} -type f | sort | xargs cat > /dev/null",
+                    shell=True,
+                    check=True,
+                )
+            finally:
+                subprocess.run(["umount", str(target)], check=False)
+            seconds = time.monotonic() - started
+            self.record(system.name, "ext4_find_read", {"seconds": seconds, **counts()})
+
+
+def _peak_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+WORKLOAD_COLUMNS = [
+    ("cold_sequential", "MBps"),
+    ("warm_reread", "MBps"),
+    ("warm_reread_dropped", "MBps"),
+    ("restart_reread", "MBps"),
+    ("4_sequential_readers", "MBps"),
+    ("random_4k_qd1", "IOPS"),
+    ("random_4k_qd8", "IOPS"),
+    ("random_4k_8jobs", "IOPS"),
+    ("unzip_list", "seconds"),
+    ("ext4_find_read", "seconds"),
+]
+
+
+def markdown(bench: Bench, meta: Metrics) -> str:
+    """A table per workload: systems side by side with their traffic."""
+    lines = [
+        f"# remotefs benchmark {meta['started']}",
+        "",
+        f"File {meta['size_MiB']} MiB; per-request delay {meta['rtt_ms']} ms;"
+        f" per-connection rate {meta['rate'] or 'unlimited'}; {meta['cpus']} CPUs.",
+        "",
+        "| workload | system | result | origin requests | origin MiB | other |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, unit in WORKLOAD_COLUMNS:
+        for system, metrics in bench.results.get(workload, {}).items():
+            extra = {
+                k: v
+                for k, v in metrics.items()
+                if k not in (unit, "origin_requests", "origin_bytes")
+            }
+            lines.append(
+                f"| {workload} | {system} | {_fmt(metrics.get(unit, float('nan')))} {unit}"
+                f" | {metrics.get('origin_requests', '')}"
+                f" | {_fmt(metrics['origin_bytes'] / MiB) if 'origin_bytes' in metrics else ''}"
+                f" | {', '.join(f'{k}={_fmt(v)}' for k, v in extra.items())} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def running_origin(root: Path, delay: float, rate: float) -> Iterator[ShapedOrigin]:
+    origin = ShapedOrigin(root, delay=delay, rate=rate)
+    origin.start()
+    try:
+        yield origin
+    finally:
+        origin.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=1024 * MiB, help="big file size")
+    parser.add_argument("--zip-members", type=int, default=20_000)
+    parser.add_argument("--rtt", type=float, default=0.0, help="seconds of delay per request")
+    parser.add_argument("--rate", type=parse_size, default=0, help="bytes/s per connection")
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/remotefs-bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--systems", default="all", help="comma list: remotefs,httpfs2,rclone,httpdirfs"
+    )
+    parser.add_argument("--workloads", default="all", help="comma list of workload names")
+    parser.add_argument("--quick", action="store_true", help="fewer random reads")
+    args = parser.parse_args(argv)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    root = args.work / "origin"
+    root.mkdir(exist_ok=True)
+    print(f"making data in {root} ...", flush=True)
+    make_random_file(root / "big.bin", args.size)
+    make_zip(root / "big.zip", args.zip_members)
+    content = make_ext4_image(root / "disk.img", args.work)
+
+    started = time.strftime("%Y-%m-%dT%H%M%S")
+    meta = {
+        "started": started,
+        "size_MiB": args.size // MiB,
+        "rtt_ms": args.rtt * 1000,
+        "rate": args.rate,
+        "cpus": os.cpu_count(),
+        "page_cache_droppable": drop_page_cache(),
+    }
+    with running_origin(root, args.rtt, args.rate) as origin:
+        bench = Bench(
+            args.work, origin, args.size, args.zip_members, args.quick, ext4_content=content
+        )
+        systems = available_systems(args.work, origin, args.systems)
+        print("systems:", ", ".join(s.name for s in systems), flush=True)
+        workloads: dict[str, Callable[[System], None]] = {
+            "sequential": bench.sequential,
+            "parallel": bench.parallel_sequential,
+            "random": bench.random_reads,
+            "unzip": bench.unzip_list,
+            "ext4": bench.ext4_find_and_read,
+        }
+        chosen = list(workloads) if args.workloads == "all" else args.workloads.split(",")
+        bench.baselines()
+        for system in systems:
+            for name in chosen:
+                try:
+                    workloads[name](system)
+                except Exception as err:  # one peer failing must not lose the other results
+                    print(f"  {name} on {system.name} failed: {err}", file=sys.stderr, flush=True)
+                    bench.record(system.name, f"{name}_error", {"error": str(err)[:200]})
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{started}-rtt{int(args.rtt * 1000)}ms"
+    stem.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": bench.results}, indent=2)
+    )
+    table = markdown(bench, meta)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
