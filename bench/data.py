@@ -32,7 +32,7 @@ def make_random_file(path: Path, size: int) -> None:
 
 def make_zip(path: Path, members: int) -> None:
     """A stored zip of *members* small random files, like a source or photo archive."""
-    marker = path.with_suffix(f".{members}.done")
+    marker = path.with_suffix(f".{members}x10000.done")
     if path.exists() and marker.exists():
         return
     rng = random.Random(1)

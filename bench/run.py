@@ -28,7 +28,7 @@ from typing import Any
 
 from .data import make_ext4_image, make_random_file, make_zip
 from .origin import ShapedOrigin
-from .systems import System, available_systems
+from .systems import Remotefs, System, available_systems
 
 MiB = 1024 * 1024
 Metrics = dict[str, Any]
@@ -243,6 +243,41 @@ class Bench:
                 },
             )
 
+    def idle_fill(self, system: System) -> None:
+        """remotefs only: read 10%, then leave the mount idle; the rest must arrive by itself."""
+        if not isinstance(system, Remotefs):
+            return
+        link_rate = self.results["cold_sequential"]["curl"]["MBps"] * 1e6
+        allowed = self.size / link_rate + 10
+        system.extra_args = []
+        try:
+            with system.mounted(["big.bin"], fresh=True) as files:
+                path = files.path("big.bin")
+                timed(dd_read(path, count_mib=max(1, self.size // MiB // 10)))
+                started = time.monotonic()
+                assert files.cache_dir is not None
+                while time.monotonic() - started < allowed + 60 and not _cached_fully(
+                    files.cache_dir, self.size
+                ):
+                    time.sleep(0.2)
+                waited = time.monotonic() - started
+                complete = _cached_fully(files.cache_dir, self.size)
+                counts = self.origin_delta()
+                drop_page_cache()
+                timed(dd_read(path))
+                self.record(
+                    system.name,
+                    "idle_fill",
+                    {
+                        "seconds_to_complete": waited,
+                        "allowed_seconds": allowed,
+                        "complete": complete,
+                        **counts(),
+                    },
+                )
+        finally:
+            system.extra_args = ["--no-fill"]
+
     def ext4_find_and_read(self, system: System) -> None:
         if os.geteuid() != 0:
             return
@@ -264,6 +299,15 @@ class Bench:
                 subprocess.run(["umount", str(target)], check=False)
             seconds = time.monotonic() - started
             self.record(system.name, "ext4_find_read", {"seconds": seconds, **counts()})
+
+
+def _cached_fully(cache_dir: Path, size: int) -> bool:
+    """True when a remotefs data file in *cache_dir* has all its *size* bytes on disk.
+
+    Read from the cache directory, not the mount: the mount's st_blocks is cached by the
+    kernel for an hour.
+    """
+    return any(data.stat().st_blocks * 512 >= size for data in cache_dir.glob("files/*/data"))
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -293,6 +337,7 @@ WORKLOAD_COLUMNS = [
     ("random_4k_8jobs", "IOPS"),
     ("unzip_list", "seconds"),
     ("ext4_find_read", "seconds"),
+    ("idle_fill", "seconds_to_complete"),
 ]
 
 
@@ -377,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             "random": bench.random_reads,
             "unzip": bench.unzip_list,
             "ext4": bench.ext4_find_and_read,
+            "fill": bench.idle_fill,
         }
         chosen = list(workloads) if args.workloads == "all" else args.workloads.split(",")
         bench.baselines()

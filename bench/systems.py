@@ -27,6 +27,8 @@ class MountedFiles:
 
     paths: dict[str, Path]
     pid: int | None = None
+    #: remotefs only: the cache directory (to watch background fill on disk).
+    cache_dir: Path | None = None
 
     def path(self, name: str) -> Path:
         return self.paths[name]
@@ -62,6 +64,8 @@ class Remotefs:
 
     def __init__(self, work: Path, origin: ShapedOrigin) -> None:
         self.work, self.origin = work, origin
+        #: Background fill would add traffic to every workload; only the fill workload wants it.
+        self.extra_args: list[str] = ["--no-fill"]
 
     @contextlib.contextmanager
     def mounted(self, names: list[str], *, fresh: bool) -> Iterator[MountedFiles]:
@@ -74,13 +78,21 @@ class Remotefs:
         urls.write_text("".join(f"{self.origin.url(name)}\n" for name in names))
         command = [sys.executable, "-m", "remotefs"]
         subprocess.run(
-            [*command, "mount", str(urls), str(mountpoint), "--cache-dir", str(cache)],
+            [
+                *command,
+                "mount",
+                str(urls),
+                str(mountpoint),
+                "--cache-dir",
+                str(cache),
+                *self.extra_args,
+            ],
             check=True,
             capture_output=True,
         )
         try:
             pid = int(os.getxattr(mountpoint, "user.remotefs.pid"))
-            yield MountedFiles({name: mountpoint / name for name in names}, pid)
+            yield MountedFiles({name: mountpoint / name for name in names}, pid, cache)
         finally:
             subprocess.run([*command, "unmount", str(mountpoint)], check=False, capture_output=True)
 

@@ -124,8 +124,13 @@ class MountFactory:
         urls_file: Path | None = None,
         cache_dir: Path | None = None,
         mountpoint: Path | None = None,
+        fill: bool = False,
     ) -> Mount:
-        """Mount *lines* (or *urls_file*) and return once the mount answers."""
+        """Mount *lines* (or *urls_file*) and return once the mount answers.
+
+        Background fill is off unless *fill*: it would add origin traffic at unpredictable
+        moments to tests that count bytes.
+        """
         self.counter += 1
         if urls_file is None:
             assert lines is not None
@@ -133,7 +138,8 @@ class MountFactory:
         cache_dir = cache_dir or self.base / "cache"
         mountpoint = mountpoint or self.base / "mnt"
         mountpoint.mkdir(exist_ok=True)
-        result = run_remotefs("mount", urls_file, mountpoint, "--cache-dir", cache_dir, *args)
+        extra = args if fill else ("--no-fill", *args)
+        result = run_remotefs("mount", urls_file, mountpoint, "--cache-dir", cache_dir, *extra)
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert is_mounted(mountpoint), "remotefs mount returned before the mount was ready"
         pid = daemon_pid(mountpoint)

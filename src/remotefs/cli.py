@@ -128,6 +128,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between saves of download progress (default: 2)",
     )
     mount.add_argument(
+        "--readahead-max",
+        type=parse_size,
+        default=defaults.readahead_max,
+        help="largest readahead window of a sequential reader (default: 64M)",
+    )
+    mount.add_argument(
+        "--prefetch-tail",
+        type=parse_size,
+        default=defaults.prefetch_tail,
+        help="bytes of a file's end fetched when it is opened, 0 to disable (default: 1M)",
+    )
+    mount.add_argument(
+        "--prefetch-head",
+        type=parse_size,
+        default=defaults.prefetch_head,
+        help="bytes of a file's start fetched when it is opened, 0 to disable (default: 64K)",
+    )
+    mount.add_argument(
+        "--no-fill",
+        dest="fill",
+        action="store_false",
+        help="do not complete files in the background when the mount is idle",
+    )
+    mount.add_argument(
+        "--fill-idle",
+        type=positive_float,
+        default=defaults.fill_idle,
+        help="seconds without a read before background fill starts (default: 2)",
+    )
+    mount.add_argument(
+        "--fill-connections",
+        type=int,
+        default=defaults.fill_connections,
+        help="connections background fill may use (default: 2)",
+    )
+    mount.add_argument(
+        "--fill-rate",
+        type=parse_size,
+        default=defaults.fill_rate,
+        help="bandwidth cap of background fill in bytes/s, e.g. 10M (default: none)",
+    )
+    mount.add_argument(
         "--kernel-readahead",
         type=parse_size,
         default=defaults.kernel_readahead,
@@ -196,6 +238,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             probe_timeout=args.probe_timeout,
             checkpoint_interval=args.checkpoint_interval,
             kernel_readahead=args.kernel_readahead,
+            readahead_max=args.readahead_max,
+            prefetch_tail=args.prefetch_tail,
+            prefetch_head=args.prefetch_head,
+            fill=args.fill,
+            fill_idle=args.fill_idle,
+            fill_connections=args.fill_connections,
+            fill_rate=args.fill_rate,
             user_agent=args.user_agent,
             ca_bundle=args.ca_bundle,
             insecure=args.insecure,

@@ -26,6 +26,7 @@ is full (ENOSPC) reads are served straight from the network, uncached, for a whi
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,16 +39,30 @@ from ..http.errors import HttpSourceError, RangeNotSupportedError, RemoteChanged
 from ..http.retry import retry_until
 from ..http.source import HttpSource
 from .cached_file import CachedFile, FileRetiredError
+from .readahead import ReadStream
 
 log = logging.getLogger(__name__)
 
 #: After ENOSPC, how long reads bypass the cache before storing is tried again.
 CACHE_FULL_BACKOFF = 30.0
+#: A download of blocks whose last download failed less than this long ago gets one stall
+#: timeout instead of a whole read deadline: the kernel answers a failed readahead by reading
+#: the page again at once, and that read must not make the reader wait a second deadline.
+RECENT_FAILURE = 1.0
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ReadError(Exception):
     """A read could not be satisfied; the FUSE layer answers EIO. The message names the file."""
+
+
+#: Largest single Range request of readahead: big enough to amortise a round trip, small
+#: enough that several run in parallel and one slow connection does not hold up the stream.
+MAX_PART = 8 * 1024 * 1024
+
+
+class FillPaused(Exception):
+    """A background fill download stopped because a foreground read arrived."""
 
 
 class _CacheFullError(Exception):
@@ -60,6 +75,8 @@ class Download:
 
     first: int
     end: int
+    #: A download of the whole body (the server ignores Range); at most one per file.
+    stream: bool = False
     done: bool = False
     error: BaseException | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
@@ -106,6 +123,19 @@ class _BlockAssembler:
 RemoteChangedCallback = Callable[[CachedFile, RemoteChangedError], None]
 
 
+def _runs(missing: BitMap, inflight: dict[int, Download]) -> list[tuple[int, int]]:
+    """Contiguous runs ``[first, end)`` of *missing* blocks that no download covers."""
+    runs: list[tuple[int, int]] = []
+    for block in missing:
+        if block in inflight:
+            continue
+        if runs and runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], block + 1)
+        else:
+            runs.append((block, block + 1))
+    return runs
+
+
 class BlockFetcher:
     """Reads byte ranges of cached files, downloading what is missing exactly once."""
 
@@ -122,15 +152,38 @@ class BlockFetcher:
         self._on_remote_changed = on_remote_changed
         self._inflight: dict[CachedFile, dict[int, Download]] = {}
         self._cache_full_until = float("-inf")
+        #: When the last foreground read arrived (the idle filler waits for quiet).
+        self.last_read = float("-inf")
+        self._fill_scopes: set[trio.CancelScope] = set()
+        #: Per file: ``(first, end, until)`` of downloads that failed recently.
+        self._failures: dict[CachedFile, list[tuple[int, int, float]]] = {}
 
     @property
     def cache_full(self) -> bool:
         """True while reads bypass the cache because its disk was found full."""
         return trio.current_time() < self._cache_full_until
 
-    async def read(self, file: CachedFile, offset: int, size: int) -> bytes:
-        """Return bytes ``[offset, offset+size)`` of *file*, short only at EOF."""
+    async def read(
+        self, file: CachedFile, offset: int, size: int, stream: ReadStream | None = None
+    ) -> bytes:
+        """Return bytes ``[offset, offset+size)`` of *file*, short only at EOF.
+
+        *stream* is the caller's handle state: sequential handles get readahead.
+        """
         end = min(offset + size, file.size)
+        self.last_read = trio.current_time()
+        if self._fill_scopes:
+            self.pause_fill()
+        if stream is not None and offset < end:
+            wanted = stream.advance(
+                offset,
+                end,
+                first_window=self._options.kernel_readahead,
+                initial=self._options.min_request,
+                maximum=self._options.readahead_max,
+            )
+            if wanted is not None:
+                self.prefetch(file, wanted[0], wanted[1])
         if offset >= end:
             return b""
         block_size = file.block_size
@@ -195,40 +248,108 @@ class BlockFetcher:
             cause = download.error
             if isinstance(cause, _CacheFullError):
                 raise cause
-            if isinstance(cause, RangeNotSupportedError):
-                continue  # the file is now fetched as one stream: schedule again
+            if isinstance(cause, RangeNotSupportedError | FillPaused):
+                continue  # fetched as one stream now, or a paused fill: schedule again
             raise ReadError(f"{file.name}: bytes at {block * file.block_size}: {cause}")
 
     def _schedule(self, file: CachedFile, inflight: dict[int, Download], missing: BitMap) -> None:
         """Start one download per run of missing blocks that nothing is fetching yet."""
         if not file.remote.accepts_ranges:
-            if missing.min() not in inflight:
-                self._start(file, inflight, 0, file.nblocks, stream=True)
+            block = missing.min()
+            if block not in inflight:
+                # One stream per file. A block left to a range request that met the server
+                # ignoring Range is not registered to the stream: it joins it now.
+                running = next((d for d in inflight.values() if d.stream), None)
+                if running is None:
+                    self._start(file, inflight, 0, file.nblocks, stream=True)
+                else:
+                    inflight[block] = running
             return
         min_blocks = max(1, self._options.min_request // file.block_size)
-        run_start: int | None = None
-        previous = -2
-        for block in missing:
-            if block in inflight:
-                continue
-            if run_start is not None and block == previous + 1:
-                previous = block
-                continue
-            if run_start is not None:
-                self._start(
-                    file,
-                    inflight,
-                    run_start,
-                    self._grow(file, inflight, run_start, previous + 1, min_blocks),
-                )
-            run_start = previous = block
-        if run_start is not None:
-            self._start(
-                file,
-                inflight,
-                run_start,
-                self._grow(file, inflight, run_start, previous + 1, min_blocks),
-            )
+        for first, end in _runs(missing, inflight):
+            self._start(file, inflight, first, self._grow(file, inflight, first, end, min_blocks))
+
+    def prefetch(self, file: CachedFile, start: int, end: int, *, split: bool = True) -> None:
+        """Start downloads for bytes ``[start, end)`` without waiting for them (readahead).
+
+        With *split*, the range is cut into parts of a quarter of its size (between the
+        minimum request and `MAX_PART`) that run concurrently, so a per-connection rate cap
+        does not cap a stream; without, each missing run is one request.
+        """
+        end = min(end, file.size)
+        if start >= end or file.retired or self.cache_full:
+            return
+        block_size = file.block_size
+        missing = BitMap()
+        missing.add_range(start // block_size, -(-end // block_size))
+        missing -= file.bitmap
+        if not missing:
+            return
+        inflight = self._inflight.setdefault(file, {})
+        if not file.remote.accepts_ranges:
+            self._schedule(file, inflight, missing)
+            return
+        part = min(max((end - start) // 4, self._options.min_request), MAX_PART)
+        if not split:
+            part = end - start
+        part_blocks = max(1, part // block_size)
+        for first, run_end in _runs(missing, inflight):
+            for part_first in range(first, run_end, part_blocks):
+                self._start(file, inflight, part_first, min(part_first + part_blocks, run_end))
+
+    # -- background fill ------------------------------------------------------------------------
+
+    def pause_fill(self) -> None:
+        """Stop every background fill download now (a foreground read needs the link)."""
+        for scope in self._fill_scopes:
+            scope.cancel()
+
+    async def wait_idle(self, quiet: float) -> None:
+        """Return once no foreground read has arrived for *quiet* seconds."""
+        while True:
+            remaining = self.last_read + quiet - trio.current_time()
+            if remaining <= 0:
+                return
+            await trio.sleep(remaining)
+
+    async def fill(self, file: CachedFile, first: int, end: int) -> None:
+        """Download the missing blocks of ``[first, end)`` as background work.
+
+        Registered like any download, so readers of these blocks wait for it instead of
+        fetching them again; cancelled by the next foreground read (`FillPaused`), keeping
+        every whole block already stored. Raises the download's error on failure.
+        """
+        if file.retired:
+            return
+        inflight = self._inflight.setdefault(file, {})
+        if not file.remote.accepts_ranges:
+            await self._ensure(file, 0, file.nblocks)  # one stream; not pausable
+            return
+        missing = BitMap()
+        missing.add_range(first, end)
+        missing -= file.bitmap
+        for run_first, run_end in _runs(missing, inflight):
+            download = Download(run_first, run_end)
+            for block in range(run_first, run_end):
+                inflight[block] = download
+            scope = trio.CancelScope()
+            self._fill_scopes.add(scope)
+            try:
+                with scope:
+                    await retry_until(
+                        functools.partial(self._attempt_range, file, download),
+                        deadline=trio.current_time() + self._options.read_deadline,
+                        describe=f"{file.name}: background fill",
+                    )
+                if scope.cancelled_caught:
+                    download.error = FillPaused()
+                    raise download.error
+            except (HttpSourceError, OSError, FileRetiredError) as err:
+                self._fail(file, download, err)
+                raise
+            finally:
+                self._fill_scopes.discard(scope)
+                self._finish(file, inflight, download)
 
     @staticmethod
     def _grow(
@@ -250,7 +371,7 @@ class BlockFetcher:
         stream: bool = False,
     ) -> None:
         """Register and launch a download of blocks ``[first, end)``."""
-        download = Download(first, end)
+        download = Download(first, end, stream=stream)
         for block in range(first, end):
             if stream and block in inflight:
                 continue
@@ -286,7 +407,17 @@ class BlockFetcher:
             file.disable_ranges()
             return
         log.error("%s: download failed: %s", file.name, err)
+        now = trio.current_time()
+        recent = [entry for entry in self._failures.get(file, ()) if entry[2] > now]
+        self._failures[file] = [*recent, (download.first, download.end, now + RECENT_FAILURE)]
         self._note_change(file, err)
+
+    def _failed_recently(self, file: CachedFile, block: int) -> bool:
+        now = trio.current_time()
+        return any(
+            first <= block < end and until > now
+            for first, end, until in self._failures.get(file, ())
+        )
 
     def _note_change(self, file: CachedFile, err: BaseException) -> None:
         if isinstance(err, RemoteChangedError) and self._on_remote_changed and not file.retired:
@@ -298,10 +429,13 @@ class BlockFetcher:
         """Fetch a download's blocks with retries within the deadline; always wake waiters."""
         describe = f"{file.name}: bytes {download.first * file.block_size}-"
         describe += f"{min(download.end * file.block_size, file.size) - 1}"
+        budget = self._options.read_deadline
+        if self._failed_recently(file, download.first):
+            budget = min(budget, self._options.stall_timeout)  # a second chance, not a deadline
         try:
             await retry_until(
                 lambda: self._attempt_range(file, download),
-                deadline=trio.current_time() + self._options.read_deadline,
+                deadline=trio.current_time() + budget,
                 describe=describe,
             )
         except (HttpSourceError, OSError, FileRetiredError) as err:

@@ -47,6 +47,18 @@ class MountOptions:
     probe_timeout: float = 10.0
     # The bitmap is saved at most this often while reads are downloading blocks.
     checkpoint_interval: float = 2.0
+    # Sequential readers get a readahead window that doubles per read up to this cap.
+    readahead_max: int = 64 * MiB
+    # On first open, fetch the tail (zip central directories, ISO/MP4 indexes) and the head
+    # (superblocks, headers) concurrently with the caller's first read.
+    prefetch_tail: int = 1 * MiB
+    prefetch_head: int = 64 * KiB
+    # Idle background fill: after this many seconds without a foreground read, missing blocks
+    # are downloaded over at most fill_connections connections, at most fill_rate B/s (0: no cap).
+    fill: bool = True
+    fill_idle: float = 2.0
+    fill_connections: int = 2
+    fill_rate: int = 0
     # How far ahead the kernel itself reads for sequential readers, which is also the largest
     # read request it sends us (at most 1 MiB, FUSE's limit). Needs root; else 128 KiB.
     kernel_readahead: int = 1 * MiB

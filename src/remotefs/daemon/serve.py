@@ -26,6 +26,7 @@ import trio
 from ..cache.cached_file import CachedFile
 from ..cache.checkpoint import run_checkpointer, save_all
 from ..cache.fetcher import BlockFetcher
+from ..cache.filler import Filler
 from ..cache.store import CacheStore
 from ..config.manifest import ManifestEntry
 from ..config.options import MountOptions
@@ -92,13 +93,21 @@ class Daemon:
                     self._source, self.options, nursery, on_remote_changed=self._remote_changed
                 )
                 await self._build_tree()
-                ops = RemoteFsOperations(self.tree, fetcher, self.options.block_size)
+                ops = RemoteFsOperations(
+                    self.tree,
+                    fetcher,
+                    self.options.block_size,
+                    (self.options.prefetch_tail, self.options.prefetch_head),
+                )
                 pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options))
                 mounted = True
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(
                     run_checkpointer, self._cached_files, self.options.checkpoint_interval
                 )
+                if self.options.fill:
+                    filler = Filler(fetcher, self._cached_files, self.options)
+                    nursery.start_soon(filler.run)
                 nursery.start_soon(self._announce_ready, on_ready)
                 await pyfuse3.main()
                 log.info("unmounted; saving state")
@@ -222,6 +231,10 @@ class Daemon:
             if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
                 replacement = await self.store.replace(cached, result)
                 if node is not None:
+                    # The old version is retired now (its reads fail), so no page of it can
+                    # enter the kernel's cache any more: drop the ones there *before* a new
+                    # open can reach the new version, or it would mix old pages with new bytes.
+                    await trio.to_thread.run_sync(invalidate_inode, node.inode)
                     node.cached = replacement
                 log.info("%s: now serving the new version (%d bytes)", cached.name, result.size)
             else:

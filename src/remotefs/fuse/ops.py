@@ -17,6 +17,7 @@ import pyfuse3
 
 from ..cache.cached_file import CachedFile
 from ..cache.fetcher import BlockFetcher, ReadError
+from ..cache.readahead import ReadStream
 from .tree import DirNode, FileNode, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,15 @@ class RemoteFsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, fetcher: BlockFetcher, block_size: int) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        fetcher: BlockFetcher,
+        block_size: int,
+        prefetch_sizes: tuple[int, int] = (0, 0),
+    ) -> None:
         super().__init__()
+        self._prefetch_sizes = prefetch_sizes  # (tail, head) bytes fetched on open
         self._tree = tree
         self._fetcher = fetcher
         self._block_size = block_size
@@ -49,7 +57,7 @@ class RemoteFsOperations(pyfuse3.Operations):
         self._sorted_children: dict[int, list[tuple[str, int]]] = {}
         # Each open handle keeps the file version it opened: when the origin's file changes,
         # the node gets a new CachedFile and old handles keep failing instead of mixing.
-        self._handles: dict[int, CachedFile] = {}
+        self._handles: dict[int, tuple[CachedFile, ReadStream]] = {}
         self._next_handle = 1
 
     # -- attributes --------------------------------------------------------------------------
@@ -141,17 +149,29 @@ class RemoteFsOperations(pyfuse3.Operations):
             raise _erofs()
         handle = self._next_handle
         self._next_handle += 1
-        self._handles[handle] = node.cached
+        self._handles[handle] = (node.cached, ReadStream())
+        self._prefetch_head_and_tail(node.cached)
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
         # without the daemon noticing, and then it invalidates the inode itself.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
 
+    def _prefetch_head_and_tail(self, cached: CachedFile) -> None:
+        """Open-time hint: most formats keep their index at one end (zip, ISO, MP4, ext4)."""
+        tail, head = self._prefetch_sizes
+        if cached.retired or not cached.size or cached.complete:
+            return
+        if tail:
+            self._fetcher.prefetch(cached, max(0, cached.size - tail), cached.size, split=False)
+        if head:
+            self._fetcher.prefetch(cached, 0, head, split=False)
+
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        cached = self._handles.get(fh)
-        if cached is None:
+        entry = self._handles.get(fh)
+        if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        cached, stream = entry
         try:
-            return await self._fetcher.read(cached, off, size)
+            return await self._fetcher.read(cached, off, size, stream)
         except ReadError as err:
             log.error("read failed: %s", err)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -1,0 +1,133 @@
+"""Idle background fill: complete partly read files while nobody reads.
+
+When no foreground read has arrived for ``fill_idle`` seconds, missing blocks are downloaded
+file by file (in mount order), largest contiguous gap first, over at most ``fill_connections``
+connections and at most ``fill_rate`` bytes per second. The next foreground read cancels the
+fill at once (`BlockFetcher.pause_fill`); every whole block already stored is kept. An origin
+that fails is backed off (doubling up to five minutes) rather than hammered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import trio
+from pyroaring import BitMap
+
+from ..config.options import MiB, MountOptions
+from ..http.errors import HttpSourceError
+from .cached_file import CachedFile, FileRetiredError
+from .fetcher import BlockFetcher, FillPaused
+
+log = logging.getLogger(__name__)
+
+#: One background request: small enough to pause promptly and to pace a rate cap finely.
+FILL_CHUNK = 4 * MiB
+FIRST_BACKOFF = 5.0
+MAX_BACKOFF = 300.0
+
+
+def gaps_largest_first(file: CachedFile) -> list[tuple[int, int]]:
+    """Runs ``[first, end)`` of missing blocks, longest first (ties: earliest first)."""
+    missing = BitMap()
+    missing.add_range(0, file.nblocks)
+    missing -= file.bitmap
+    runs: list[tuple[int, int]] = []
+    for block in missing:
+        if runs and runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], block + 1)
+        else:
+            runs.append((block, block + 1))
+    return sorted(runs, key=lambda run: (run[0] - run[1], run[0]))
+
+
+def _chunks(gaps: list[tuple[int, int]], chunk_blocks: int) -> Iterator[tuple[int, int]]:
+    for first, end in gaps:
+        for start in range(first, end, chunk_blocks):
+            yield start, min(start + chunk_blocks, end)
+
+
+class Filler:
+    """The background task that completes files; one per daemon."""
+
+    def __init__(
+        self,
+        fetcher: BlockFetcher,
+        files: Callable[[], list[CachedFile]],
+        options: MountOptions,
+    ) -> None:
+        self._fetcher = fetcher
+        self._files = files
+        self._options = options
+        self._backoff: dict[CachedFile, tuple[float, float]] = {}  # file -> (until, delay)
+
+    def _next_file(self) -> CachedFile | None:
+        now = trio.current_time()
+        for file in self._files():
+            if file.complete or file.retired:
+                continue
+            until, _ = self._backoff.get(file, (0.0, 0.0))
+            if until <= now:
+                return file
+        return None
+
+    async def run(self) -> None:
+        """Fill forever (until cancelled), only while the mount is idle."""
+        while True:
+            await self._fetcher.wait_idle(self._options.fill_idle)
+            file = self._next_file()
+            if file is None:
+                await trio.sleep(self._options.fill_idle)
+                continue
+            await self._fill_file(file)
+
+    async def _fill_file(self, file: CachedFile) -> None:
+        """Download *file*'s gaps with a few workers until done, paused or failed."""
+        chunk_blocks = max(1, FILL_CHUNK // file.block_size)
+        if self._options.fill_rate:
+            chunk_blocks = max(1, min(chunk_blocks, self._options.fill_rate // file.block_size))
+        work = _chunks(gaps_largest_first(file), chunk_blocks)
+        failure: list[BaseException] = []
+        started = trio.current_time()
+        fetched = [0]
+
+        async def worker() -> None:
+            for first, end in work:
+                if failure:
+                    return
+                before = file.cached_bytes
+                try:
+                    await self._fetcher.fill(file, first, end)
+                except FillPaused:
+                    failure.append(FillPaused())
+                    return
+                except (HttpSourceError, OSError, FileRetiredError) as err:
+                    failure.append(err)
+                    return
+                fetched[0] += file.cached_bytes - before
+                await self._pace(started, fetched[0])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, self._options.fill_connections)):
+                nursery.start_soon(worker)
+        errors = [err for err in failure if not isinstance(err, FillPaused)]
+        if errors:
+            _, delay = self._backoff.get(file, (0.0, FIRST_BACKOFF / 2))
+            delay = min(delay * 2, MAX_BACKOFF)
+            self._backoff[file] = (trio.current_time() + delay, delay)
+            log.warning(
+                "%s: background fill failed (%s); retrying in %.0fs", file.name, errors[0], delay
+            )
+        elif not failure:
+            self._backoff.pop(file, None)
+            if file.complete:
+                log.info("%s: completed in the background", file.name)
+
+    async def _pace(self, started: float, fetched: int) -> None:
+        """Sleep as needed so the fill's average rate stays under ``fill_rate``."""
+        rate = self._options.fill_rate
+        if rate:
+            ahead = fetched / rate - (trio.current_time() - started)
+            if ahead > 0:
+                await trio.sleep(ahead)
