@@ -8,6 +8,7 @@ concurrency and readahead buy on a realistic link, not just on loopback.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -19,13 +20,19 @@ PACE_CHUNK = 64 * 1024
 class ShapedOrigin(Origin):
     """An `Origin` whose responses wait *delay* seconds and stream at most *rate* B/s each."""
 
-    def __init__(self, root: Path, *, delay: float = 0.0, rate: float = 0.0) -> None:
+    def __init__(
+        self, root: Path, *, delay: float = 0.0, rate: float = 0.0, link_rate: float = 0.0
+    ) -> None:
         super().__init__(root)
         self.delay = delay
         self.rate = rate
+        #: Cap on all connections together (the link), in bytes/s; 0 for none.
+        self.link_rate = link_rate
+        self._link_lock = threading.Lock()
+        self._link_free_at = 0.0
 
     def _send_range(self, ex: Exchange, fd: int, st: os.stat_result, start: int, end: int) -> None:
-        if not self.rate:
+        if not self.rate and not self.link_rate:
             super()._send_range(ex, fd, st, start, end)
             return
         headers = self._representation_headers(st)
@@ -36,7 +43,7 @@ class ShapedOrigin(Origin):
             self._paced(ex, fd, start, end - start)
 
     def _send_full(self, ex: Exchange, fd: int, st: os.stat_result) -> None:
-        if not self.rate:
+        if not self.rate and not self.link_rate:
             super()._send_full(ex, fd, st)
             return
         headers = self._representation_headers(st)
@@ -74,6 +81,19 @@ class ShapedOrigin(Origin):
             if ex.body_bytes == before:
                 return
             sent += ex.body_bytes - before
-            ahead = sent / self.rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
+            if self.rate:
+                ahead = sent / self.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if self.link_rate:
+                self._take_link_time(ex.body_bytes - before)
+
+    def _take_link_time(self, count: int) -> None:
+        """Reserve the link for *count* bytes; sleep until the reservation ends."""
+        with self._link_lock:
+            now = time.monotonic()
+            start = max(now, self._link_free_at)
+            self._link_free_at = start + count / self.link_rate
+            wait = self._link_free_at - now
+        if wait > 0:
+            time.sleep(wait)

@@ -347,7 +347,8 @@ def markdown(bench: Bench, meta: Metrics) -> str:
         f"# remotefs benchmark {meta['started']}",
         "",
         f"File {meta['size_MiB']} MiB; per-request delay {meta['rtt_ms']} ms;"
-        f" per-connection rate {meta['rate'] or 'unlimited'}; {meta['cpus']} CPUs.",
+        f" per-connection rate {meta['rate'] or 'unlimited'};"
+        f" link rate {meta['link_rate'] or 'unlimited'}; {meta['cpus']} CPUs.",
         "",
         "| workload | system | result | origin requests | origin MiB | other |",
         "|---|---|---|---|---|---|",
@@ -369,8 +370,10 @@ def markdown(bench: Bench, meta: Metrics) -> str:
 
 
 @contextlib.contextmanager
-def running_origin(root: Path, delay: float, rate: float) -> Iterator[ShapedOrigin]:
-    origin = ShapedOrigin(root, delay=delay, rate=rate)
+def running_origin(
+    root: Path, delay: float, rate: float, link_rate: float
+) -> Iterator[ShapedOrigin]:
+    origin = ShapedOrigin(root, delay=delay, rate=rate, link_rate=link_rate)
     origin.start()
     try:
         yield origin
@@ -384,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zip-members", type=int, default=20_000)
     parser.add_argument("--rtt", type=float, default=0.0, help="seconds of delay per request")
     parser.add_argument("--rate", type=parse_size, default=0, help="bytes/s per connection")
+    parser.add_argument(
+        "--link-rate", type=parse_size, default=0, help="bytes/s for all connections together"
+    )
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/remotefs-bench"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument(
@@ -407,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         "size_MiB": args.size // MiB,
         "rtt_ms": args.rtt * 1000,
         "rate": args.rate,
+        "link_rate": args.link_rate,
         "cpus": os.cpu_count(),
         "page_cache_droppable": drop_page_cache(),
     }
-    with running_origin(root, args.rtt, args.rate) as origin:
+    with running_origin(root, args.rtt, args.rate, args.link_rate) as origin:
         bench = Bench(
             args.work, origin, args.size, args.zip_members, args.quick, ext4_content=content
         )
@@ -434,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {name} on {system.name} failed: {err}", file=sys.stderr, flush=True)
                     bench.record(system.name, f"{name}_error", {"error": str(err)[:200]})
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{started}-rtt{int(args.rtt * 1000)}ms"
+    stem = args.out / f"{started}-rtt{int(args.rtt * 1000)}ms-rate{args.rate}-link{args.link_rate}"
     stem.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "results": bench.results}, indent=2)
     )

@@ -67,7 +67,9 @@ class ReadStream:
             return None
         if self.run < SEQUENTIAL_THRESHOLD:
             return None
-        self.window = min(max(self.window * 2, initial), maximum)
+        # Never further ahead than the run has proven: a sequential stretch of a filesystem
+        # image or a short file then over-fetches at most its own length.
+        self.window = min(max(self.window * 2, initial), maximum, max(initial, self.run))
         target = self.furthest + self.window
         start = max(self.furthest, self.prefetched_until)
         # Top the window up only when half of it has been consumed: one scheduling pass per
