@@ -290,9 +290,7 @@ class BlockFetcher:
             self._schedule(file, inflight, missing)
             return
         part = min(max((end - start) // 4, self._options.min_request), MAX_PART)
-        if not split:
-            part = end - start
-        part_blocks = max(1, part // block_size)
+        part_blocks = max(1, part // block_size) if split else file.nblocks
         for first, run_end in _runs(missing, inflight):
             for part_first in range(first, run_end, part_blocks):
                 self._start(file, inflight, part_first, min(part_first + part_blocks, run_end))

@@ -1,0 +1,174 @@
+"""Readahead, open-time hints and idle background fill, judged by what the origin serves.
+
+These tests check behaviour (which requests, how many bytes, nothing twice), not speed:
+speed is measured by bench/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+from .conftest import write_random
+from .mounting import MountFactory
+from .origin import Origin
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+def no_overlaps(ranges: list[tuple[int, int]]) -> bool:
+    ordered = sorted(ranges)
+    return all(b[0] >= a[1] for a, b in itertools.pairwise(ordered))
+
+
+def test_sequential_reader_gets_growing_parallel_requests_and_nothing_twice(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    size = 96 * MiB + 123
+    write_random(origin_root / "seq.bin", size)
+    mount = remotefs.mount([origin.url("seq.bin")])
+    origin.wait_idle()
+    origin.reset_counters()
+    subprocess.run(
+        ["dd", f"if={mount.path / 'seq.bin'}", "of=/dev/null", "bs=128k"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    origin.wait_idle()
+    ranges = origin.served_ranges("/seq.bin")
+    assert no_overlaps(ranges)
+    assert origin.bytes_served("/seq.bin") == size
+    largest = max(end - start for start, end in ranges)
+    assert largest >= 4 * MiB, "readahead never grew past small requests"
+    # 96 MiB in 128 KiB reads would be 768 requests without readahead.
+    assert len(ranges) < 100
+
+
+def test_random_reader_gets_only_what_it_asks_rounded_to_min_request(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    size = 64 * MiB
+    data = write_random(origin_root / "rand.bin", size)
+    mount = remotefs.mount([origin.url("rand.bin")], "--prefetch-tail", "0", "--prefetch-head", "0")
+    origin.wait_idle()
+    origin.reset_counters()
+    rng = random.Random(5)
+    reads = 60
+    fd = os.open(mount.path / "rand.bin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = bytearray(4096)
+        view = memoryview(buffer)
+        for _ in range(reads):
+            offset = rng.randrange(size // 4096) * 4096
+            assert os.preadv(fd, [view], offset) == 4096
+            assert bytes(buffer) == data[offset : offset + 4096]
+    finally:
+        os.close(fd)
+    origin.wait_idle()
+    served = origin.bytes_served("/rand.bin")
+    assert served <= reads * 256 * KiB
+    assert no_overlaps(origin.served_ranges("/rand.bin"))
+
+
+def test_open_prefetches_tail_and_head_as_one_request_each(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    size = 20 * MiB + 7
+    write_random(origin_root / "hint.bin", size)
+    mount = remotefs.mount([origin.url("hint.bin")])
+    origin.wait_idle()
+    origin.reset_counters()
+    with open(mount.path / "hint.bin", "rb"):
+        deadline = time.monotonic() + 10
+        while len(origin.served_ranges("/hint.bin")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    origin.wait_idle()
+    ranges = sorted(origin.served_ranges("/hint.bin"))
+    assert ranges[0] == (0, 64 * KiB)
+    tail_start = (size - MiB) // (64 * KiB) * (64 * KiB)  # rounded down to a block
+    assert ranges[-1] == (tail_start, size)
+    assert len(ranges) == 2
+
+
+def _cached_completely(cache_dir: Path, size: int) -> bool:
+    return any(d.stat().st_blocks * 512 >= size for d in cache_dir.glob("files/*/data"))
+
+
+def test_idle_fill_completes_a_partly_read_file_and_later_reads_cost_nothing(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    size = 40 * MiB + 5
+    write_random(origin_root / "fill.bin", size)
+    mount = remotefs.mount([origin.url("fill.bin")], "--fill-idle", "0.5", fill=True)
+    origin.wait_idle()
+    origin.reset_counters()
+    with open(mount.path / "fill.bin", "rb") as handle:
+        handle.read(3 * MiB)
+    deadline = time.monotonic() + 60
+    while not _cached_completely(mount.cache_dir, size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cached_completely(mount.cache_dir, size), "background fill did not finish"
+    deadline = time.monotonic() + 10
+    while "completed in the background" not in mount.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "fill.bin: completed in the background" in mount.log_text()
+    origin.wait_idle()
+    assert no_overlaps(origin.served_ranges("/fill.bin"))
+    mount.unmount()
+
+    mount = remotefs.mount([origin.url("fill.bin")])
+    origin.wait_idle()
+    origin.reset_counters()
+    digest = hashlib.sha256((mount.path / "fill.bin").read_bytes()).hexdigest()
+    assert digest == hashlib.sha256((origin_root / "fill.bin").read_bytes()).hexdigest()
+    origin.wait_idle()
+    assert origin.bytes_served("/fill.bin") == 0
+
+
+def test_fill_yields_to_foreground_reads_and_wastes_at_most_what_was_in_flight(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    size = 24 * MiB
+    data = write_random(origin_root / "slow.bin", size)
+    # A slow fill (1 MiB/s): foreground reads arrive while fill requests are in flight.
+    mount = remotefs.mount(
+        [origin.url("slow.bin")],
+        "--fill-idle", "0.3", "--fill-rate", "1M", "--prefetch-tail", "0",
+        fill=True,
+    )  # fmt: skip
+    origin.wait_idle()
+    origin.reset_counters()
+    with open(mount.path / "slow.bin", "rb", buffering=0) as handle:
+        handle.read(1)
+        rng = random.Random(9)
+        for _ in range(6):
+            time.sleep(0.6)  # idle long enough for the fill to start
+            offset = rng.randrange(size - 10_000)
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            handle.seek(offset)
+            assert handle.read(10_000) == data[offset : offset + 10_000]
+    origin.wait_idle()
+    # A paused fill request drops the partial block it was receiving (and whatever the
+    # origin had already pushed into the socket); whole blocks are never fetched twice.
+    assert origin.bytes_served("/slow.bin") <= size + 6 * 2 * MiB
+
+
+def test_no_fill_means_no_background_traffic(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    write_random(origin_root / "quiet.bin", 8 * MiB)
+    mount = remotefs.mount([origin.url("quiet.bin")], "--fill-idle", "0.2")  # --no-fill default
+    with open(mount.path / "quiet.bin", "rb") as handle:
+        handle.read(100)
+    origin.wait_idle()
+    served = origin.bytes_served("/quiet.bin")
+    time.sleep(1.5)
+    origin.wait_idle()
+    assert origin.bytes_served("/quiet.bin") == served
