@@ -8,10 +8,14 @@ request that would change something answers EROFS.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 
@@ -32,6 +36,38 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _never_crash(handler: _Handler) -> _Handler:
+    """Turn an unexpected exception in a request handler into EIO and a logged traceback.
+
+    pyfuse3 ends its main loop (and so the mount) on any exception that is not a FUSEError;
+    one bug hit by one request must cost that request, not every reader of the mount.
+    """
+
+    @functools.wraps(handler)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in %s; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return cast(_Handler, guarded)
+
+
+def _guard_handlers(cls: type) -> type:
+    """Apply `_never_crash` to every request handler the class defines."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(value):
+            setattr(cls, name, _never_crash(value))
+    return cls
+
+
+@_guard_handlers
 class RemoteFsOperations(pyfuse3.Operations):
     """The `pyfuse3.Operations` of a remotefs mount."""
 
