@@ -208,23 +208,48 @@ class BlockFetcher:
 
     async def _read_direct(self, file: CachedFile, offset: int, end: int) -> bytes:
         """Fetch ``[offset, end)`` from the network without caching it (cache disk full)."""
+        if file.retired:
+            raise ReadError(f"{file.name}: the remote file changed during the read")
         if not file.remote.accepts_ranges:
             raise ReadError(f"{file.name}: cache disk full and the server does not do Range")
+        # Only the missing blocks go to the network; the blocks present between them are
+        # read now, before any await (a set bit means their bytes are final).
+        block_size = file.block_size
+        missing = BitMap()
+        missing.add_range(offset // block_size, (end - 1) // block_size + 1)
+        missing -= file.bitmap
+        pieces: list[bytes | tuple[int, int]] = []
+        position = offset
+        for run_start, run_end in _runs(missing, {}):
+            start, stop = max(offset, run_start * block_size), min(end, run_end * block_size)
+            if start > position:
+                pieces.append(file.read(position, start - position))
+            pieces.append((start, stop))
+            position = stop
+        if position < end:
+            pieces.append(file.read(position, end - position))
+        return b"".join([await self._fetch_direct(file, piece) for piece in pieces])
+
+    async def _fetch_direct(self, file: CachedFile, piece: bytes | tuple[int, int]) -> bytes:
+        """Fetch bytes ``[start, stop)`` uncached (bytes already read pass through)."""
+        if isinstance(piece, bytes):
+            return piece
+        start, stop = piece
         chunks: list[bytes] = []
 
         async def attempt() -> None:
             chunks.clear()
-            await self._source.fetch_range(file.remote, offset, end, chunks.append)
+            await self._source.fetch_range(file.remote, start, stop, chunks.append)
 
         try:
             await retry_until(
                 attempt,
                 deadline=trio.current_time() + self._options.read_deadline,
-                describe=f"{file.name}: bytes {offset}-{end - 1} (uncached)",
+                describe=f"{file.name}: bytes {start}-{stop - 1} (uncached)",
             )
         except HttpSourceError as err:
             self._note_change(file, err)
-            raise ReadError(f"{file.name}: bytes at {offset}: {err}") from None
+            raise ReadError(f"{file.name}: bytes at {start}: {err}") from None
         return b"".join(chunks)
 
     async def _ensure(self, file: CachedFile, first: int, last: int) -> None:

@@ -42,6 +42,7 @@ async def retry_until(
     """
     backoff = INITIAL_BACKOFF
     tries = 0
+    last: HttpSourceError | None = None  # named when the deadline cuts an attempt off
     while True:
         tries += 1
         try:
@@ -50,10 +51,14 @@ async def retry_until(
             with trio.fail_after(max(0.0, deadline - trio.current_time()) or 0.001):
                 return await attempt()
         except trio.TooSlowError:
-            raise DeadlineExceededError(f"{describe}: no answer before the deadline") from None
+            cause = f" (after {tries - 1} failed tries, the last: {last})" if last else ""
+            raise DeadlineExceededError(
+                f"{describe}: no answer before the deadline{cause}"
+            ) from None
         except HttpSourceError as err:
             if not err.transient:
                 raise
+            last = err
             delay = random.uniform(0, backoff)
             if err.retry_after is not None:
                 delay = max(delay, err.retry_after)
