@@ -272,6 +272,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as err:
         return _fail(f"cannot create {log_file.parent}: {err.strerror}")
+    try:  # checked here, where the error can still be one line on the terminal
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+    except OSError as err:
+        return _fail(f"cannot write the log file {log_file}: {err.strerror}")
 
     def child(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
         setup_logging(args.log_level, log_file)
@@ -347,8 +351,24 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
             return True
         except PermissionError:
             pass
+        if _is_zombie(pid):
+            return True
         time.sleep(0.05)
     return False
+
+
+def _is_zombie(pid: int) -> bool:
+    """True when *pid* has exited but is not reaped yet.
+
+    The daemon is reparented to init, and some inits (a container's PID 1, say) reap late or
+    never; a zombie has closed its files and released the cache lock, so it has finished.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ data file agree.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 from dataclasses import replace
@@ -29,6 +31,23 @@ log = logging.getLogger(__name__)
 DATA_NAME = "data"
 BITMAP_NAME = "bitmap"
 META_NAME = "meta"
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the disk space of ``[offset, offset+length)`` of *fd*; best effort (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if fallocate(fd, mode, offset, length) != 0:
+        log.debug("could not free a partly written block: %s", os.strerror(ctypes.get_errno()))
 
 
 class FileRetiredError(Exception):
@@ -105,10 +124,17 @@ class CachedFile:
             raise ValueError(f"block {index} of {self.name}: {len(data)} bytes")
         view = memoryview(data)
         offset = index * self.block_size
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                # A full disk took part of the block: give that space back (the bit is not
+                # set, so no bitmap claims these bytes), or not even a bitmap save would fit.
+                punch_hole(self._fd, index * self.block_size, self.block_length(index))
+            raise
         self.bitmap.add(index)
         self._version += 1
 

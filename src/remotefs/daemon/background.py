@@ -29,7 +29,6 @@ def run_in_background(
     if pid == 0:
         os.close(read_end)
         os.setsid()
-        _detach_stdio(log_file)
         sent = False
 
         def report_ready() -> None:
@@ -48,6 +47,9 @@ def run_in_background(
 
         status = 1
         try:
+            # Inside the try: whatever fails, the child must end here, never return into
+            # the parent's code.
+            _detach_stdio(log_file)
             status = child(report_ready, report_error)
         finally:
             if not sent:

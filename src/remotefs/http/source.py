@@ -418,6 +418,22 @@ def _map_httpx_error(err: httpx.HTTPError, what: str) -> HttpSourceError:
 
 
 def _short(err: BaseException) -> str:
-    """First line of an exception message, with any URL stripped of its query."""
-    text = str(err).splitlines()[0] if str(err) else ""
+    """First line of an exception message, with any URL stripped of its query.
+
+    httpx on trio often wraps the real reason several levels deep in exceptions with empty
+    messages (ConnectError <- BrokenResourceError <- SSLError), so the chain is searched: a
+    failed certificate check is named as such, else the first non-empty message is used.
+    """
+    text = ""
+    cause: BaseException | None = err
+    for _ in range(10):  # bounded: a cause chain can loop
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or str(cause)
+            text = f"TLS certificate verification failed: {reason} (see --ca-bundle)"
+            break
+        if not text and str(cause):
+            text = str(cause).splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
     return re.sub(r"https?://\S+", lambda m: redact_url(m.group(0)), text)[:200]
