@@ -413,8 +413,21 @@ def _map_httpx_error(err: httpx.HTTPError, what: str) -> HttpSourceError:
     if isinstance(err, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return PermanentError(f"{what}: {type(err).__name__}")
     if isinstance(err, httpx.TransportError):
+        if _cause_of_type(err, ssl.SSLCertVerificationError) is not None:
+            # Retrying cannot make a certificate valid: fail now, not after the deadline.
+            return PermanentError(f"{what}: {_short(err)}")
         return TransientError(f"{what}: {type(err).__name__}: {_short(err)}")
     return PermanentError(f"{what}: {type(err).__name__}")
+
+
+def _cause_of_type(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type *kind* in *err*'s cause/context chain (bounded walk)."""
+    cause: BaseException | None = err
+    for _ in range(10):  # a chain can loop
+        if cause is None or isinstance(cause, kind):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _short(err: BaseException) -> str:
@@ -425,15 +438,15 @@ def _short(err: BaseException) -> str:
     failed certificate check is named as such, else the first non-empty message is used.
     """
     text = ""
+    failed_check = _cause_of_type(err, ssl.SSLCertVerificationError)
+    if isinstance(failed_check, ssl.SSLCertVerificationError):
+        reason = failed_check.verify_message or str(failed_check)
+        text = f"TLS certificate verification failed: {reason} (see --ca-bundle)"
     cause: BaseException | None = err
     for _ in range(10):  # bounded: a cause chain can loop
-        if cause is None:
+        if cause is None or text:
             break
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            reason = cause.verify_message or str(cause)
-            text = f"TLS certificate verification failed: {reason} (see --ca-bundle)"
-            break
-        if not text and str(cause):
+        if str(cause):
             text = str(cause).splitlines()[0]
         cause = cause.__cause__ or cause.__context__
     return re.sub(r"https?://\S+", lambda m: redact_url(m.group(0)), text)[:200]
