@@ -31,26 +31,11 @@ class ShapedOrigin(Origin):
         self._link_lock = threading.Lock()
         self._link_free_at = 0.0
 
-    def _send_range(self, ex: Exchange, fd: int, st: os.stat_result, start: int, end: int) -> None:
-        if not self.rate and not self.link_rate:
-            super()._send_range(ex, fd, st, start, end)
-            return
-        headers = self._representation_headers(st)
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{st.st_size}"
-        headers["Content-Length"] = str(end - start)
-        ex.send_head(206, headers)
-        if ex.wants_body:
-            self._paced(ex, fd, start, end - start)
-
-    def _send_full(self, ex: Exchange, fd: int, st: os.stat_result) -> None:
-        if not self.rate and not self.link_rate:
-            super()._send_full(ex, fd, st)
-            return
-        headers = self._representation_headers(st)
-        headers["Content-Length"] = str(st.st_size)
-        ex.send_head(200, headers)
-        if ex.wants_body:
-            self._paced(ex, fd, 0, st.st_size)
+    def _send_body(self, ex: Exchange, fd: int, offset: int, count: int) -> None:
+        if self.rate or self.link_rate:
+            self._paced(ex, fd, offset, count)
+        else:
+            super()._send_body(ex, fd, offset, count)
 
     def _respond(self, ex: Exchange) -> None:
         """Serve an HTML index at ``/`` (rclone and httpdirfs discover files from it)."""

@@ -12,9 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from remotefs.daemon.process import wait_for_exit
 
 REMOTEFS = [sys.executable, "-m", "remotefs"]
 
@@ -56,35 +57,6 @@ def force_unmount(mountpoint: Path) -> None:
         if not is_mounted(mountpoint):
             return
         subprocess.run(command, capture_output=True, check=False, timeout=30)
-
-
-def wait_for_exit(pid: int, timeout: float) -> bool:
-    """Wait until process *pid* has exited (reaping it if it is our child).
-
-    A zombie counts as exited: daemons are reparented to init, which may reap them late, and a
-    zombie has already closed its files, its FUSE connection and its cache lock.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if _is_zombie(pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return bool(fields) and fields[0] in ("Z", "X")
 
 
 @dataclass

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .config.options import MountOptions, default_cache_dir
 from .daemon.background import run_in_background
 from .daemon.logs import setup_logging
 from .daemon.mountpoint import MountpointError, check_mountpoint, mounted_paths
+from .daemon.process import wait_for_exit
 from .fuse.ops import PID_XATTR
 
 log = logging.getLogger("remotefs")
@@ -337,38 +337,9 @@ def cmd_unmount(mountpoint: Path, timeout: float) -> int:
         errors.append(result.stderr.strip())
     else:
         return _fail(f"could not unmount {target}: {'; '.join(errors) or 'no unmount tool'}", 1)
-    if pid is not None and not _wait_for_exit(pid, timeout):
+    if pid is not None and not wait_for_exit(pid, timeout):
         return _fail(f"unmounted, but daemon {pid} did not exit within {timeout:.0f}s", 1)
     return 0
-
-
-def _wait_for_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        if _is_zombie(pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _is_zombie(pid: int) -> bool:
-    """True when *pid* has exited but is not reaped yet.
-
-    The daemon is reparented to init, and some inits (a container's PID 1, say) reap late or
-    never; a zombie has closed its files and released the cache lock, so it has finished.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return bool(fields) and fields[0] in ("Z", "X")
 
 
 if __name__ == "__main__":
