@@ -117,13 +117,22 @@ class CachedFile:
         return os.pread(self._fd, size, offset)
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Store one whole block, then mark it present (in that order: see module docstring)."""
+        """Store one whole block, then mark it present (see `write_blocks`)."""
+        self.write_blocks(index, 1, data)
+
+    def write_blocks(self, first: int, count: int, data: bytes | bytearray | memoryview) -> None:
+        """Store *count* whole consecutive blocks, then mark them present.
+
+        In that order (see module docstring): a crash between the two loses the blocks, it
+        never makes the bitmap claim them.
+        """
         if self.retired:
             raise FileRetiredError(f"{self.name}: the remote file changed; block not stored")
-        if len(data) != self.block_length(index):
-            raise ValueError(f"block {index} of {self.name}: {len(data)} bytes")
+        expected = min(count * self.block_size, self.meta.size - first * self.block_size)
+        if count < 1 or len(data) != expected:
+            raise ValueError(f"blocks {first}+{count} of {self.name}: {len(data)} bytes")
         view = memoryview(data)
-        offset = index * self.block_size
+        offset = start = first * self.block_size
         try:
             while view:
                 written = os.pwrite(self._fd, view, offset)
@@ -131,11 +140,11 @@ class CachedFile:
                 offset += written
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                # A full disk took part of the block: give that space back (the bit is not
-                # set, so no bitmap claims these bytes), or not even a bitmap save would fit.
-                punch_hole(self._fd, index * self.block_size, self.block_length(index))
+                # A full disk took part of the blocks: give that space back (their bits are
+                # not set, so nothing claims these bytes), or not even a bitmap save would fit.
+                punch_hole(self._fd, start, expected)
             raise
-        self.bitmap.add(index)
+        self.bitmap.add_range(first, first + count)
         self._version += 1
 
     def disable_ranges(self) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import httpcore._async.http11
 import httpx
 import trio
 
@@ -147,10 +148,24 @@ def error_for_status(status: int, what: str, retry_after: str | None = None) -> 
     return PermanentError(f"{what}: HTTP {status}", status=status)
 
 
+#: Bytes asked of the socket per read. httpcore asks 64 KiB; at hundreds of MB/s the fixed
+#: cost of each read (h11 events, trio's socket wrapper) then dominates. 1 MiB made a cold
+#: sequential read through the mount ~30% faster on loopback.
+SOCKET_READ_SIZE = 1 << 20
+
+
+def _use_large_socket_reads() -> None:
+    """Raise httpcore's per-read size (a class attribute; left alone if it ever disappears)."""
+    connection = getattr(httpcore._async.http11, "AsyncHTTP11Connection", None)
+    if connection is not None and isinstance(getattr(connection, "READ_NUM_BYTES", None), int):
+        connection.READ_NUM_BYTES = SOCKET_READ_SIZE
+
+
 class HttpSource:
     """Probes URLs and streams verified ranges over one bounded connection pool."""
 
     def __init__(self, options: MountOptions) -> None:
+        _use_large_socket_reads()
         self._options = options
         self._limiter = trio.CapacityLimiter(options.max_connections)
         verify: ssl.SSLContext | bool = True
