@@ -24,6 +24,9 @@ from . import __version__
 from .cache.store import CacheDirError
 from .config.manifest import ManifestEntry, ManifestError, load_manifest
 from .config.options import MountOptions, default_cache_dir
+from .control_client import COMMANDS as CONTROL_COMMANDS
+from .control_client import add_commands as add_control_commands
+from .control_client import run_command as run_control_command
 from .daemon.background import run_in_background
 from .daemon.logs import setup_logging
 from .daemon.mountpoint import MountpointError, check_mountpoint, mounted_paths
@@ -196,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="default: info",
     )
+    mount.add_argument(
+        "--status-interval",
+        type=positive_float,
+        default=defaults.status_interval,
+        help="under systemd, seconds between STATUS= progress reports (default: 10)",
+    )
 
     unmount = commands.add_parser(
         "unmount",
@@ -207,14 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     unmount.add_argument(
         "--timeout", type=positive_float, default=30.0, help="seconds to wait (default: 30)"
     )
+    add_control_commands(commands)  # status, prefetch, evict
     return parser
 
 
+COMMANDS = ("mount", "unmount", "umount", *CONTROL_COMMANDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``remotefs`` command."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``remotefs`` command.
+
+    ``remotefs URLS MOUNTPOINT -o OPTIONS`` (no command) is the mount-helper form that
+    mount.fuse3 runs for ``mount -t fuse.remotefs`` and fstab lines: see `mount_helper`.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if len(arguments) >= 2 and arguments[0] not in COMMANDS and not arguments[0].startswith("-"):
+        from .mount_helper import main as mount_helper_main
+
+        return mount_helper_main(arguments)
+    args = build_parser().parse_args(arguments)
     if args.command == "mount":
         return cmd_mount(args)
+    if args.command in CONTROL_COMMANDS:
+        return run_control_command(args)
     return cmd_unmount(args.mountpoint, args.timeout)
 
 
@@ -249,6 +273,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             ca_bundle=args.ca_bundle,
             insecure=args.insecure,
             allow_other=args.allow_other,
+            status_interval=args.status_interval,
         )
     except (ManifestError, MountpointError) as err:
         return _fail(str(err))
@@ -257,8 +282,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
         return _fail(f"--ca-bundle {args.ca_bundle}: not a readable file")
 
+    source = os.path.abspath(args.urls)  # the mount's source in the mount table, as in fstab
+
     def serve(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
-        return _serve(options, entries, mountpoint, report_ready, report_error)
+        return _serve(options, entries, mountpoint, report_ready, report_error, source)
 
     if args.foreground:
         setup_logging(args.log_level, None)
@@ -290,6 +317,7 @@ def _serve(
     mountpoint: Path,
     report_ready: Callable[[], None],
     report_error: Callable[[str], None],
+    source: str = "remotefs",
 ) -> int:
     """Run one daemon to completion; errors before readiness go to *report_error*."""
     from .daemon.serve import Daemon  # imports pyfuse3: only where a mount really happens
@@ -299,7 +327,7 @@ def _serve(
             "TLS certificate verification is OFF (--insecure): anyone on the path"
             " can change the bytes you read"
         )
-    daemon = Daemon(options, entries, mountpoint)
+    daemon = Daemon(options, entries, mountpoint, fsname=source)
     try:
         daemon.open_cache()
     except CacheDirError as err:

@@ -25,6 +25,7 @@ from pyroaring import BitMap
 from ..http.source import RemoteMeta
 from .atomic import atomic_write
 from .state_files import CacheMeta, encode_bitmap, save_meta
+from .stats import TransferStats
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class CachedFile:
         #: Set when the origin's file changed: this object's bytes belong to an old version,
         #: nothing may be written to or read from it any more.
         self.retired = False
+        #: Origin bytes, rate and last error of this session (carried over to a new version).
+        self.stats = TransferStats()
+        #: Set by `remotefs evict`: background fill leaves this file alone (until a prefetch).
+        self.no_fill = False
         self._save_lock = trio.Lock()
         self._fd = os.open(directory / DATA_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size != meta.size:
@@ -164,6 +169,43 @@ class CachedFile:
         self.retired = True
         async with self._save_lock:
             self.close()
+
+    async def evict(self) -> int:
+        """Forget every cached block and free its disk space; return the bytes dropped.
+
+        The bits are cleared first and the empty bitmap is saved (fsync'ed) before any byte is
+        dropped, so a crash in between never leaves a bitmap on disk that claims a hole. Blocks
+        that arrive during the save keep their bytes. The caller makes sure nothing is
+        downloading this file (a download started meanwhile is harmless, only wasteful).
+        """
+        if self.retired:
+            raise FileRetiredError(f"{self.name}: the remote file changed; nothing to evict")
+        dropped = self.bitmap.copy()
+        freed = self.cached_bytes
+        self.bitmap.clear()
+        self._version += 1
+        if self.meta.complete:
+            self.meta = replace(self.meta, complete=False)
+            self._meta_dirty = True
+        await self.save()
+        if self.retired or self._fd < 0:
+            return freed
+        # Only now, with no durable claim left, may the bytes go. No await from here on.
+        if not self.bitmap:
+            os.ftruncate(self._fd, 0)
+            os.ftruncate(self._fd, self.meta.size)
+            return freed
+        dropped -= self.bitmap
+        run_start = run_end = -1
+        for block in [*dropped, -1]:
+            if block == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                start = run_start * self.block_size
+                punch_hole(self._fd, start, min(run_end * self.block_size, self.size) - start)
+            run_start, run_end = block, block + 1
+        return freed
 
     def mark_dirty(self) -> None:
         """Force the next `save` to write the bitmap (after a conversion, say)."""

@@ -110,6 +110,7 @@ class _BlockAssembler:
         the received chunk when nothing was left over: a 1 MiB chunk costs one copy into the
         cache instead of sixteen buffer shifts.
         """
+        self._file.stats.add(len(chunk))
         if self._buffer:
             self._buffer += chunk
             data = memoryview(self._buffer)
@@ -176,8 +177,9 @@ class BlockFetcher:
         self._on_remote_changed = on_remote_changed
         self._inflight: dict[CachedFile, dict[int, Download]] = {}
         self._cache_full_until = float("-inf")
-        #: When the last foreground read arrived (the idle filler waits for quiet).
-        self.last_read = float("-inf")
+        #: When the last foreground read arrived (the idle filler waits for quiet). Starts at
+        #: creation: a fresh mount is about to be read, so fill waits its idle time first.
+        self.last_read = trio.current_time()
         self._fill_scopes: set[trio.CancelScope] = set()
         #: Per file: ``(first, end, until)`` of downloads that failed recently.
         self._failures: dict[CachedFile, list[tuple[int, int, float]]] = {}
@@ -261,9 +263,13 @@ class BlockFetcher:
         start, stop = piece
         chunks: list[bytes] = []
 
+        def keep(chunk: bytes) -> None:
+            file.stats.add(len(chunk))
+            chunks.append(chunk)
+
         async def attempt() -> None:
             chunks.clear()
-            await self._source.fetch_range(file.remote, start, stop, chunks.append)
+            await self._source.fetch_range(file.remote, start, stop, keep)
 
         try:
             await retry_until(
@@ -344,6 +350,21 @@ class BlockFetcher:
             for part_first in range(first, run_end, part_blocks):
                 self._start(file, inflight, part_first, min(part_first + part_blocks, run_end))
 
+    def downloading(self, file: CachedFile) -> bool:
+        """True while a download of some of *file*'s blocks is in flight."""
+        return bool(self._inflight.get(file))
+
+    async def ensure(self, file: CachedFile, first: int, end: int) -> None:
+        """Wait until blocks ``[first, end)`` are present, downloading what is missing.
+
+        The single-flight path of `read` without its reader deadline (each download has its
+        own); raises `ReadError` when a download fails.
+        """
+        try:
+            await self._ensure(file, first, end)
+        except _CacheFullError as err:
+            raise ReadError(f"{file.name}: cache disk full: {err}") from None
+
     # -- background fill ------------------------------------------------------------------------
 
     def pause_fill(self) -> None:
@@ -359,12 +380,14 @@ class BlockFetcher:
                 return
             await trio.sleep(remaining)
 
-    async def fill(self, file: CachedFile, first: int, end: int) -> None:
+    async def fill(self, file: CachedFile, first: int, end: int, *, pausable: bool = True) -> None:
         """Download the missing blocks of ``[first, end)`` as background work.
 
         Registered like any download, so readers of these blocks wait for it instead of
-        fetching them again; cancelled by the next foreground read (`FillPaused`), keeping
-        every whole block already stored. Raises the download's error on failure.
+        fetching them again; cancelled by the next foreground read (`FillPaused`) unless not
+        *pausable* (an explicit `remotefs prefetch`), keeping every whole block already
+        stored. Blocks another download is fetching are left to it. Raises the download's
+        error on failure.
         """
         if file.retired:
             return
@@ -372,15 +395,23 @@ class BlockFetcher:
         if not file.remote.accepts_ranges:
             await self._ensure(file, 0, file.nblocks)  # one stream; not pausable
             return
-        missing = BitMap()
-        missing.add_range(first, end)
-        missing -= file.bitmap
-        for run_first, run_end in _runs(missing, inflight):
+        position = first
+        while position < end:
+            # Recomputed after every await: meanwhile other downloads may have claimed blocks.
+            missing = BitMap()
+            missing.add_range(position, end)
+            missing -= file.bitmap
+            runs = _runs(missing, inflight)
+            if not runs:
+                return
+            run_first, run_end = runs[0]
+            position = run_end
             download = Download(run_first, run_end)
             for block in range(run_first, run_end):
                 inflight[block] = download
             scope = trio.CancelScope()
-            self._fill_scopes.add(scope)
+            if pausable:
+                self._fill_scopes.add(scope)
             try:
                 with scope:
                     await retry_until(
@@ -428,6 +459,8 @@ class BlockFetcher:
 
     def _finish(self, file: CachedFile, inflight: dict[int, Download], download: Download) -> None:
         download.done = True
+        if download.error is None:
+            file.stats.last_error = None
         for block in range(download.first, download.end):
             if inflight.get(block) is download:
                 del inflight[block]
@@ -454,6 +487,7 @@ class BlockFetcher:
             file.disable_ranges()
             return
         log.error("%s: download failed: %s", file.name, err)
+        file.stats.last_error = str(err)
         now = trio.current_time()
         recent = [entry for entry in self._failures.get(file, ()) if entry[2] > now]
         self._failures[file] = [*recent, (download.first, download.end, now + RECENT_FAILURE)]

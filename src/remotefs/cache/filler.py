@@ -65,7 +65,7 @@ class Filler:
     def _next_file(self) -> CachedFile | None:
         now = trio.current_time()
         for file in self._files():
-            if file.complete or file.retired:
+            if file.complete or file.retired or file.no_fill:
                 continue
             until, _ = self._backoff.get(file, (0.0, 0.0))
             if until <= now:
@@ -94,7 +94,7 @@ class Filler:
 
         async def worker() -> None:
             for first, end in work:
-                if failure:
+                if failure or file.no_fill:
                     return
                 before = file.cached_bytes
                 try:

@@ -161,9 +161,12 @@ class CacheStore:
         """Discard *old* (the origin's file changed) and start an empty entry for *remote*."""
         await old.retire()
         fresh = CacheMeta.from_remote(remote, self.block_size)
-        return self._create_entry(
+        cached = self._create_entry(
             old.directory, replace(fresh, complete=remote.size == 0), old.name
         )
+        cached.stats = old.stats  # origin bytes count for the whole session
+        cached.stats.last_error = None
+        return cached
 
     def adopt_download(self, url: str, remote: RemoteMeta, data: Path, name: str) -> CachedFile:
         """Turn a finished whole-file download (of a file of unknown size) into a complete entry.

@@ -14,14 +14,27 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+SYSTEM_CACHE_DIR = Path("/var/cache/remotefs")
+
+
 def default_cache_dir() -> Path:
     """The XDG cache directory for remotefs (``$XDG_CACHE_HOME/remotefs`` or ``~/.cache``).
 
-    Root gets the same rule as everyone else: an explicit ``--cache-dir`` (for example
-    ``/var/cache/remotefs`` under systemd) is the way to choose a system-wide location.
+    Root gets the same rule as everyone else while it has a home: an explicit ``--cache-dir``
+    is the way to choose a system-wide location. mount(8) and systemd run their helpers with
+    a minimal environment (no ``HOME``, no ``XDG_*``): root then gets ``/var/cache/remotefs``,
+    and another user the home directory of its passwd entry. Never raises.
     """
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "remotefs"
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "remotefs"
+    if home := os.environ.get("HOME"):
+        return Path(home) / ".cache" / "remotefs"
+    if os.geteuid() == 0:
+        return SYSTEM_CACHE_DIR
+    home = os.path.expanduser("~")  # without HOME: the passwd entry, or "~" if there is none
+    if not os.path.isabs(home):
+        return SYSTEM_CACHE_DIR
+    return Path(home) / ".cache" / "remotefs"
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,8 @@ class MountOptions:
     ca_bundle: str | None = None
     insecure: bool = False
     allow_other: bool = False
+    # Under systemd (NOTIFY_SOCKET set), a STATUS= progress line is sent this often.
+    status_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if self.block_size < 4 * KiB or self.block_size & (self.block_size - 1):
@@ -76,3 +91,5 @@ class MountOptions:
             raise ValueError("max connections must be at least 1")
         if self.read_deadline <= 0 or self.stall_timeout <= 0 or self.probe_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.status_interval <= 0:
+            raise ValueError("the status interval must be positive")

@@ -1,7 +1,8 @@
 """Logging set-up: a file in the background, stderr in the foreground, journald-friendly.
 
-Under journald (``JOURNAL_STREAM`` set) lines carry no timestamp, since the journal adds its
-own; elsewhere they do. Secrets never reach these handlers: callers log redacted URLs only.
+Under journald (stderr is the stream that ``JOURNAL_STREAM`` names) lines carry no timestamp,
+since the journal adds its own; elsewhere they do. Secrets never reach these handlers: callers
+log redacted URLs only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,22 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd set up for this service.
+
+    systemd puts ``DEVICE:INODE`` of that stream in ``JOURNAL_STREAM``; a program started
+    from such a service with stderr redirected elsewhere inherits the variable, so the
+    stream itself is compared, as systemd.exec(5) recommends.
+    """
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def setup_logging(level: str, log_file: Path | None) -> None:
@@ -21,7 +38,7 @@ def setup_logging(level: str, log_file: Path | None) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
-        if os.environ.get("JOURNAL_STREAM"):
+        if stderr_is_journal():
             fmt = "%(levelname)s %(name)s: %(message)s"
         else:
             fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"

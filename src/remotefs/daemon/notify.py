@@ -2,13 +2,19 @@
 
 systemd passes ``NOTIFY_SOCKET`` (a path, or an abstract socket starting with ``@``) to
 ``Type=notify`` services; ``READY=1`` must be sent only when the mount answers, so units
-ordered after this one can use it at once.
+ordered after this one can use it at once. While serving, the daemon sends a ``STATUS=`` line
+every ``--status-interval`` seconds, and ``STOPPING=1`` as soon as shutdown begins.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+
+
+def notify_enabled() -> bool:
+    """True when a supervisor listens (``NOTIFY_SOCKET`` is set): only then is status sent."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
 
 
 def sd_notify(message: str) -> bool:

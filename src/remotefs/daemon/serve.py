@@ -35,16 +35,25 @@ from ..fuse.tree import Tree
 from ..http.errors import HttpSourceError, RemoteChangedError
 from ..http.retry import retry_until
 from ..http.source import UNKNOWN_SIZE, HttpSource, RemoteMeta
-from .notify import sd_notify
+from .control import ControlServer
+from .notify import notify_enabled, sd_notify
 from .probe import probe_all, probe_one, reprobe_until_found
 
 log = logging.getLogger(__name__)
 
 
-def fuse_options(options: MountOptions) -> set[str]:
-    """libfuse mount options: read-only, named, and with the kernel's permission checks."""
+def fuse_options(options: MountOptions, fsname: str = "remotefs") -> set[str]:
+    """libfuse mount options: read-only, named, and with the kernel's permission checks.
+
+    *fsname* is the mount's source in the mount table: the URL list's path, as an fstab line
+    names it, so ``mount -a`` sees the line is mounted already. pyfuse3 passes options as
+    ASCII and libfuse splits them at commas: other names fall back to ``remotefs``.
+    """
+    if not fsname.isascii() or not fsname.isprintable():
+        fsname = "remotefs"
+    escaped = fsname.replace("\\", "\\\\").replace(",", "\\,")
     opts = set(pyfuse3.default_options)
-    opts |= {"fsname=remotefs", "subtype=remotefs", "ro", "noatime"}
+    opts |= {f"fsname={escaped}", "subtype=remotefs", "ro", "noatime"}
     if options.allow_other:
         opts.add("allow_other")
     return opts
@@ -68,11 +77,17 @@ class Daemon:
     """One mount's lifetime; `run` returns after a clean unmount with all state saved."""
 
     def __init__(
-        self, options: MountOptions, entries: Sequence[ManifestEntry], mountpoint: Path
+        self,
+        options: MountOptions,
+        entries: Sequence[ManifestEntry],
+        mountpoint: Path,
+        fsname: str = "remotefs",
     ) -> None:
         self.options = options
         self.entries = entries
         self.mountpoint = mountpoint
+        self.fsname = fsname
+        self._stopping_sent = False
         self.store = CacheStore(options.cache_dir, options.block_size)
         self.tree = Tree()
         self._source = HttpSource(options)
@@ -99,7 +114,16 @@ class Daemon:
                     self.options.block_size,
                     (self.options.prefetch_tail, self.options.prefetch_head),
                 )
-                pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options))
+                control = ControlServer(
+                    self.tree,
+                    fetcher,
+                    ops,
+                    self.options.cache_dir,
+                    self.mountpoint,
+                    invalidate_inode,
+                )
+                ops.control_path = await nursery.start(control.serve)
+                pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options, self.fsname))
                 mounted = True
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(
@@ -110,6 +134,7 @@ class Daemon:
                     nursery.start_soon(filler.run)
                 nursery.start_soon(self._announce_ready, on_ready)
                 await pyfuse3.main()
+                self._notify_stopping("unmounted; saving state")
                 log.info("unmounted; saving state")
                 nursery.cancel_scope.cancel()
         finally:
@@ -121,7 +146,7 @@ class Daemon:
             for node in self.tree.files():
                 node.cached.close()
             self.store.close()
-            sd_notify("STOPPING=1")
+            self._notify_stopping("stopped")
 
     def _cached_files(self) -> list[CachedFile]:
         return [node.cached for node in self.tree.files()]
@@ -252,15 +277,52 @@ class Daemon:
         set_kernel_readahead(info.st_dev, self.options.kernel_readahead)
         files, _ = self.tree.counts()
         log.info("mounted %s (%d files)", self.mountpoint, files)
-        sd_notify(f"READY=1\nSTATUS=serving {files} files")
+        sd_notify(f"READY=1\nSTATUS={self.status_line()}")
         on_ready()
+        if notify_enabled():
+            while True:
+                await trio.sleep(self.options.status_interval)
+                if not self._stopping_sent:
+                    sd_notify(f"STATUS={self.status_line()}")
+
+    def status_line(self) -> str:
+        """One line of progress for ``systemctl status``; cheap (no I/O, no await)."""
+        files = self._cached_files()
+        cached = sum(f.cached_bytes for f in files)
+        total = sum(f.size for f in files)
+        share = f" ({100 * cached // total}%)" if total else ""
+        return (
+            f"serving {len(files)} file{'' if len(files) == 1 else 's'};"
+            f" cached {human_size(cached)} of {human_size(total)}"
+            f"{share}; {human_size(self._source.bytes_received)} from origins since mount"
+        )
+
+    def _notify_stopping(self, status: str) -> None:
+        """Tell systemd once, as soon as shutdown begins, that the daemon is stopping."""
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            sd_notify(f"STOPPING=1\nSTATUS={status}")
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                log.info("got %s; unmounting", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                log.info("got %s; unmounting", name)
+                self._notify_stopping(f"got {name}; saving state and unmounting")
                 pyfuse3.terminate()
                 return
+
+
+def human_size(size: int) -> str:
+    """``1536`` -> ``1.5 KiB``: binary units, one decimal."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def invalidate_inode(inode: int) -> None:

@@ -22,6 +22,7 @@ import pyfuse3
 from ..cache.cached_file import CachedFile
 from ..cache.fetcher import BlockFetcher, ReadError
 from ..cache.readahead import ReadStream
+from ..redact import redact_url
 from .tree import DirNode, FileNode, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 # it was told for a long time; warm lookups then never reach this process.
 ATTR_TIMEOUT = 3600.0
 PID_XATTR = b"user.remotefs.pid"
+#: On the root: the path of the daemon's control socket (`remotefs status` finds it here).
+CONTROL_XATTR = b"user.remotefs.control"
+#: On every file: the live view of its cache (the kernel caches attributes, not xattrs).
+URL_XATTR = b"user.remotefs.url"
+CACHED_BYTES_XATTR = b"user.remotefs.cached_bytes"
+COMPLETE_XATTR = b"user.remotefs.complete"
+ETAG_XATTR = b"user.remotefs.etag"
+CONTENT_TYPE_XATTR = b"user.remotefs.content_type"
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -95,6 +104,8 @@ class RemoteFsOperations(pyfuse3.Operations):
         # the node gets a new CachedFile and old handles keep failing instead of mixing.
         self._handles: dict[int, tuple[CachedFile, ReadStream]] = {}
         self._next_handle = 1
+        #: The control socket's path, once the daemon listens on it (root xattr).
+        self.control_path: str | None = None
 
     # -- attributes --------------------------------------------------------------------------
 
@@ -218,6 +229,10 @@ class RemoteFsOperations(pyfuse3.Operations):
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self._handles.pop(fh, None)
 
+    def open_handles(self, cached: CachedFile) -> int:
+        """How many open handles read *cached* (evicting it is refused while any does)."""
+        return sum(1 for entry, _ in self._handles.values() if entry is cached)
+
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
@@ -237,19 +252,39 @@ class RemoteFsOperations(pyfuse3.Operations):
 
     # -- extended attributes -----------------------------------------------------------------
 
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        """Every extended attribute of *node*, computed now (they are a live view)."""
+        if isinstance(node, FileNode):
+            cached = node.cached
+            values = {
+                URL_XATTR: redact_url(cached.remote.url).encode(),
+                CACHED_BYTES_XATTR: str(cached.cached_bytes).encode(),
+                COMPLETE_XATTR: b"1" if cached.complete else b"0",
+            }
+            if cached.remote.etag:
+                values[ETAG_XATTR] = cached.remote.etag.encode()
+            if cached.remote.content_type:
+                values[CONTENT_TYPE_XATTR] = cached.remote.content_type.encode()
+            return values
+        if node.inode == pyfuse3.ROOT_INODE:
+            values = {PID_XATTR: str(os.getpid()).encode()}
+            if self.control_path is not None:
+                values[CONTROL_XATTR] = os.fsencode(self.control_path)
+            return values
+        return {}
+
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        self._node(inode)
-        if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
-            return str(os.getpid()).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = self._xattrs(self._node(inode)).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> list[pyfuse3.XAttrNameT]:
-        self._node(inode)
-        return [pyfuse3.XAttrNameT(PID_XATTR)] if inode == pyfuse3.ROOT_INODE else []
+        return [pyfuse3.XAttrNameT(name) for name in self._xattrs(self._node(inode))]
 
     # -- everything that would modify the tree: read-only ---------------------------------------
 

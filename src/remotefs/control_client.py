@@ -1,0 +1,462 @@
+"""``remotefs status``, ``remotefs prefetch`` and ``remotefs evict``: clients of a running mount.
+
+They talk to the daemon over its control socket (see `remotefs.daemon.control` for the
+protocol), which they find through the ``user.remotefs.control`` xattr of the mount root, so
+only a mountpoint or a path inside a mount is needed. Mounts are found in /proc/self/mounts
+(type ``fuse.remotefs``). Every error is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from .daemon.control import MAX_LINE, unix_address
+from .fuse.ops import CONTROL_XATTR
+
+COMMANDS = ("status", "prefetch", "evict")
+FSTYPE = "fuse.remotefs"
+#: How long one request may take (an eviction fsyncs, and waits briefly for busy files).
+REQUEST_TIMEOUT = 60.0
+#: Refresh interval of the live views on a terminal.
+STATUS_REFRESH = 1.0
+PREFETCH_POLL = 0.2
+#: How long a mount may take to answer the xattr lookup (a stopped daemon never answers).
+XATTR_TIMEOUT = 10.0
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+class ClientError(Exception):
+    """Something the user must hear about: one line, exit status 1."""
+
+
+# -- finding mounts and their daemons ----------------------------------------------------------
+
+
+def remotefs_mounts() -> list[str]:
+    """Mountpoints of every remotefs mount in /proc/self/mounts, in mount order."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) >= 3 and fields[2] == FSTYPE:
+            mounts.append(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]))
+    return mounts
+
+
+def locate(path: str, mounts: list[str]) -> tuple[str, str] | None:
+    """``(mountpoint, path relative to it)`` of the remotefs mount holding *path*, or None."""
+    absolute = os.path.abspath(path)
+    for candidate in dict.fromkeys((absolute, os.path.realpath(absolute))):
+        inside = [m for m in mounts if candidate == m or candidate.startswith(m.rstrip("/") + "/")]
+        if inside:
+            mountpoint = max(inside, key=len)
+            return mountpoint, os.path.relpath(candidate, mountpoint)
+    return None
+
+
+def control_socket(mountpoint: str) -> Path:
+    """The control socket of the daemon serving *mountpoint* (from the root's xattr).
+
+    Looked up in a thread: the kernel waits for a stopped or hung daemon forever, and one
+    such mount must not hang `remotefs status` of all mounts.
+    """
+    answer: list[bytes | OSError] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(os.getxattr(mountpoint, CONTROL_XATTR))
+        except OSError as err:
+            answer.append(err)
+
+    thread = threading.Thread(target=lookup, name="xattr", daemon=True)
+    thread.start()
+    thread.join(XATTR_TIMEOUT)
+    if not answer:
+        raise ClientError(
+            f"{mountpoint}: the mount did not answer within {XATTR_TIMEOUT:.0f}s"
+            " (is its daemon stopped or hung?)"
+        )
+    try:
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        return Path(os.fsdecode(answer[0]))
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            raise ClientError(
+                f"{mountpoint} is a stale mount: its daemon died; clear it with:"
+                f" fusermount3 -u {mountpoint}"
+            ) from None
+        if err.errno == errno.ENOENT:
+            raise ClientError(f"{mountpoint}: no such file or directory") from None
+        if err.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            if mountpoint in remotefs_mounts():
+                raise ClientError(
+                    f"{mountpoint}: its daemon has no control socket (see its log)"
+                ) from None
+            raise ClientError(f"{mountpoint} is not a remotefs mount") from None
+        raise ClientError(f"{mountpoint}: {err.strerror}") from None
+
+
+class Control:
+    """One connection to a mount's daemon."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        path = control_socket(mountpoint)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(REQUEST_TIMEOUT)
+        self._buffer = bytearray()
+        try:
+            with unix_address(path) as address:
+                self._sock.connect(address)
+        except PermissionError:
+            self._sock.close()
+            raise ClientError(
+                f"{mountpoint}: no permission to use its control socket {path}"
+                " (only the user who mounted it may)"
+            ) from None
+        except OSError as err:
+            self._sock.close()
+            raise ClientError(
+                f"{mountpoint}: its daemon does not answer on {path}"
+                f" ({err.strerror or err}); is it still running?"
+            ) from None
+
+    def __enter__(self) -> Control:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one request, return the answer; a refusal raises `ClientError`."""
+        try:
+            self._sock.sendall(json.dumps(payload).encode() + b"\n")
+            while (newline := self._buffer.find(b"\n")) < 0:
+                if len(self._buffer) > MAX_LINE:
+                    raise ClientError(f"{self.mountpoint}: the daemon's answer is too long")
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    raise ClientError(f"{self.mountpoint}: the daemon closed the connection")
+                self._buffer += chunk
+        except TimeoutError:
+            raise ClientError(
+                f"{self.mountpoint}: the daemon did not answer within {REQUEST_TIMEOUT:.0f}s"
+            ) from None
+        except OSError as err:
+            raise ClientError(f"{self.mountpoint}: control socket: {err.strerror}") from None
+        line = bytes(self._buffer[:newline])
+        del self._buffer[: newline + 1]
+        try:
+            answer = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ClientError(f"{self.mountpoint}: the daemon's answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise ClientError(f"{self.mountpoint}: the daemon's answer is not a JSON object")
+        if not answer.get("ok"):
+            raise ClientError(f"{self.mountpoint}: {answer.get('error', 'request refused')}")
+        return answer
+
+
+def _group_by_mount(paths: list[str]) -> dict[str, list[str]]:
+    """Each path's mount and its path inside it; every path must exist inside a mount."""
+    mounts = remotefs_mounts()
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        found = locate(path, mounts)
+        if found is None:
+            raise ClientError(f"{path}: not inside a remotefs mount")
+        try:
+            os.stat(path)
+        except OSError as err:
+            raise ClientError(f"{path}: {err.strerror}") from None
+        mountpoint, relative = found
+        groups.setdefault(mountpoint, []).append("" if relative == "." else relative)
+    return groups
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+
+def human(count: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    if count < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            break
+    return f"{count:.1f} {unit}"
+
+
+def bar(percent: float, width: int = 20) -> str:
+    """``[########............]``"""
+    filled = min(width, int(percent * width / 100))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
+    """The table of one mount's status answer."""
+    totals = status["totals"]
+    lines = [
+        f"{status['mountpoint']}  (pid {status['pid']}; {totals['files']}"
+        f" file{'' if totals['files'] == 1 else 's'}, {totals['complete']} complete)"
+    ]
+    rows = [["PATH", "SIZE", "CACHED", "PROGRESS" if bars else "%", "STATE", "RATE", "FETCHED"]]
+    rows[0].append("URL")
+    notes: dict[int, str] = {}
+
+    def progress(percent: float) -> str:
+        return f"{bar(percent)} {percent:5.1f}%" if bars else f"{percent:.1f}%"
+
+    for entry in status["files"]:
+        rows.append(
+            [
+                entry["path"],
+                human(entry["size"]),
+                human(entry["cached_bytes"]),
+                progress(entry["percent"]),
+                entry["state"],
+                f"{human(entry['rate'])}/s" if entry["rate"] else "-",
+                human(entry["origin_bytes"]),
+                entry["url"],
+            ]
+        )
+        if entry.get("error"):
+            notes[len(rows) - 1] = f"    error: {entry['error']}"
+        elif entry.get("prefetch") and entry["prefetch"]["state"] == "failed":
+            notes[len(rows) - 1] = f"    prefetch failed: {entry['prefetch']['error']}"
+    rows.append(
+        [
+            "TOTAL",
+            human(totals["size"]),
+            human(totals["cached_bytes"]),
+            progress(totals["percent"]),
+            "",
+            f"{human(totals['rate'])}/s" if totals["rate"] else "-",
+            human(totals["origin_bytes"]),
+            "",
+        ]
+    )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    right = {1, 2, 5, 6}  # sizes and rates
+    for index, row in enumerate(rows):
+        cells = [
+            cell.rjust(widths[column]) if column in right else cell.ljust(widths[column])
+            for column, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index in notes:
+            lines.append(notes[index])
+    return lines
+
+
+class LiveView:
+    """Redraws a block of lines in place on a terminal."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._shown = 0
+
+    def show(self, lines: list[str]) -> None:
+        width = max(40, shutil.get_terminal_size().columns)
+        text = "".join(line[: width - 1] + "\n" for line in lines)
+        erase = f"\x1b[{self._shown}F\x1b[J" if self._shown else ""
+        self._out.write(erase + text)
+        self._out.flush()
+        self._shown = len(lines)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def add_commands(commands: Any) -> None:
+    """Add the status, prefetch and evict sub-commands to the CLI's sub-parsers."""
+    status = commands.add_parser(
+        "status",
+        help="show what each file of a mount has cached, and what is downloading",
+        description="Show every file of MOUNTPOINT (or of every remotefs mount): size, cached"
+        " bytes, state, download rate and bytes fetched from the origin this session. On a"
+        " terminal the view refreshes until Ctrl-C.",
+    )
+    status.add_argument(
+        "mountpoint", nargs="?", metavar="MOUNTPOINT", help="a mount, or a path inside one"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON and exit")
+    status.add_argument("--once", action="store_true", help="print one snapshot even on a terminal")
+    prefetch = commands.add_parser(
+        "prefetch",
+        help="download files completely now",
+        description="Download the files (or every file under the directories) completely,"
+        " and wait until they are. Exits 0 once all are complete.",
+    )
+    prefetch.add_argument("paths", nargs="+", metavar="PATH", help="a file inside a mount")
+    evict = commands.add_parser(
+        "evict",
+        help="drop the cached data of files",
+        description="Drop the cached data of the files (or of every file under the"
+        " directories); the next read downloads again. Refused while a file is open or"
+        " downloading.",
+    )
+    evict.add_argument("paths", nargs="+", metavar="PATH", help="a file inside a mount")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a control command; errors become one line on stderr and exit status 1."""
+    try:
+        if args.command == "status":
+            return cmd_status(args.mountpoint, as_json=args.json, once=args.once)
+        if args.command == "prefetch":
+            return cmd_prefetch(args.paths)
+        return cmd_evict(args.paths)
+    except ClientError as err:
+        sys.stderr.write(f"remotefs: {err}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `remotefs status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _query(mountpoint: str, paths: list[str] | None) -> dict[str, Any]:
+    with Control(mountpoint) as control:
+        request: dict[str, Any] = {"cmd": "status"}
+        if paths is not None:
+            request["paths"] = paths
+        return control.request(request)
+
+
+def cmd_status(target: str | None, *, as_json: bool, once: bool) -> int:
+    """``remotefs status [MOUNTPOINT] [--json] [--once]``."""
+    if target is not None:
+        found = locate(target, remotefs_mounts())
+        mountpoint, relative = found or (os.path.abspath(target), ".")
+        paths = None if relative == "." else [relative]
+        selection = [(mountpoint, paths)]
+    else:
+        selection = [(mountpoint, None) for mountpoint in remotefs_mounts()]
+
+    def snapshot() -> tuple[list[dict[str, Any]], list[str]]:
+        answers, errors = [], []
+        for mountpoint, paths in selection:
+            try:
+                answers.append(_query(mountpoint, paths))
+            except ClientError as err:
+                if target is not None:
+                    raise
+                answers.append({"ok": False, "mountpoint": mountpoint, "error": str(err)})
+                errors.append(str(err))
+        return answers, errors
+
+    answers, errors = snapshot()
+    if as_json:
+        json.dump(answers[0] if target is not None else answers, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 1 if errors else 0
+    if not selection:
+        print("no remotefs mounts")
+        return 0
+    live = sys.stdout.isatty() and not once
+
+    def lines() -> list[str]:
+        out: list[str] = []
+        for answer in answers:
+            if out:
+                out.append("")
+            if answer["ok"]:
+                out.extend(render_status(answer, bars=live))
+            else:
+                out.append(f"{answer['mountpoint']}: {answer['error']}")
+        return out
+
+    if not live:
+        sys.stdout.write("".join(line + "\n" for line in lines()))
+        return 1 if errors else 0
+    view = LiveView(sys.stdout)
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            view.show([*lines(), "(refreshing every second; Ctrl-C to quit)"])
+            time.sleep(STATUS_REFRESH)
+            answers, errors = snapshot()
+    return 0
+
+
+def cmd_prefetch(paths: list[str]) -> int:
+    """``remotefs prefetch PATH...``: start the downloads, then follow them to the end."""
+    groups = _group_by_mount(paths)
+    names: dict[str, list[str]] = {}
+    for mountpoint, relatives in groups.items():
+        with Control(mountpoint) as control:
+            names[mountpoint] = control.request({"cmd": "prefetch", "paths": relatives})["files"]
+    view = LiveView(sys.stdout) if sys.stdout.isatty() else None
+    while True:
+        files: list[tuple[str, dict[str, Any]]] = []
+        for mountpoint, selected in names.items():
+            answer = _query(mountpoint, selected)
+            files.extend((mountpoint, entry) for entry in answer["files"])
+        outcomes = [(mountpoint, entry, _prefetch_outcome(entry)) for mountpoint, entry in files]
+        if view is not None:
+            view.show([_progress_line(mountpoint, entry) for mountpoint, entry, _ in outcomes])
+        if all(outcome is not None for _, _, outcome in outcomes):
+            break
+        time.sleep(PREFETCH_POLL)
+    failed = 0
+    for mountpoint, entry, outcome in outcomes:
+        where = os.path.join(mountpoint, entry["path"])
+        if outcome:
+            failed += 1
+            sys.stderr.write(f"remotefs: prefetch of {where} failed: {outcome}\n")
+        elif view is None:
+            print(f"{where}: complete ({human(entry['size'])})")
+    return 1 if failed else 0
+
+
+def _prefetch_outcome(entry: dict[str, Any]) -> str | None:
+    """None while the file's prefetch runs, "" once complete, else why it failed."""
+    if entry["state"] == "complete":
+        return ""
+    job = entry.get("prefetch")
+    if job is None:
+        return "stopped (the file was evicted meanwhile)"
+    if job["state"] == "failed":
+        return str(job["error"])
+    if job["state"] == "done":
+        return "stopped before the file was complete (evicted meanwhile?)"
+    return None
+
+
+def _progress_line(mountpoint: str, entry: dict[str, Any]) -> str:
+    """``[####....]  40.0%  path  1.0 MiB of 2.5 MiB  3.1 MiB/s  filling`` (path in its mount)."""
+    rate = f"  {human(entry['rate'])}/s" if entry["rate"] else ""
+    return (
+        f"{bar(entry['percent'])} {entry['percent']:5.1f}%  {entry['path']}"
+        f"  {human(entry['cached_bytes'])} of {human(entry['size'])}{rate}  {entry['state']}"
+    )
+
+
+def cmd_evict(paths: list[str]) -> int:
+    """``remotefs evict PATH...``."""
+    for mountpoint, relatives in _group_by_mount(paths).items():
+        with Control(mountpoint) as control:
+            answer = control.request({"cmd": "evict", "paths": relatives})
+        for entry in answer["files"]:
+            where = os.path.join(mountpoint, entry["path"])
+            print(f"evicted {where} ({human(entry['freed'])} dropped)")
+    return 0

@@ -1,0 +1,429 @@
+"""The control socket of a running mount: `remotefs status`, `prefetch` and `evict`.
+
+The daemon listens on a unix stream socket, ``CACHE_DIR/control.sock`` (mode 0600; a stale
+one left by a killed daemon is replaced, since whoever holds the cache lock owns it; removed
+at exit). The mount root's ``user.remotefs.control`` xattr names it, so a client needs only
+the mountpoint.
+
+The protocol is one JSON object per line each way, answered in order on one connection:
+
+``{"cmd": "status"}`` or ``{"cmd": "status", "paths": [...]}``
+    Per file: path, redacted URL, size, cached_bytes, percent, state (``complete``,
+    ``partial``, ``filling`` while a download or a prefetch runs, ``error`` when the last
+    download failed, with ``error``), rate (bytes/s over the last seconds), origin_bytes (this
+    session) and the outcome of the last prefetch; plus totals.
+``{"cmd": "prefetch", "paths": [...]}``
+    Starts downloading the files completely, through the fetcher's single-flight path and
+    not paused by foreground reads, and answers at once; the client polls ``status``.
+``{"cmd": "evict", "paths": [...]}``
+    Drops the files' cached blocks (refused while one is open or downloading).
+
+A path is relative to the mount root; a directory (``""`` for the root) selects every file
+under it. Every answer is ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
+Answers carry only redacted URLs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..cache.cached_file import CachedFile, FileRetiredError
+from ..cache.fetcher import BlockFetcher, ReadError
+from ..cache.filler import gaps_largest_first
+from ..config.options import MiB
+from ..fuse.ops import RemoteFsOperations
+from ..fuse.tree import FileNode, Tree
+from ..http.errors import HttpSourceError, RangeNotSupportedError
+from ..redact import redact_url
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+PROTOCOL_VERSION = 1
+#: Longest request or response line.
+MAX_LINE = 4 * MiB
+#: Longest socket path `bind`/`connect` take (sun_path is 108 bytes with its NUL).
+_MAX_UNIX_PATH = 107
+#: How long an eviction waits for open handles to be released and downloads to end.
+EVICT_GRACE = 2.0
+#: Concurrent requests of one file's prefetch, and the size of each.
+PREFETCH_WORKERS = 4
+PREFETCH_CHUNK = 4 * MiB
+
+
+class ControlError(Exception):
+    """A request that cannot be served; the message is the client's one-line error."""
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address for `bind`/`connect` of the socket *path*, however long the path is.
+
+    A path longer than sun_path is reached through ``/proc/self/fd/N`` of its directory.
+    """
+    if len(os.fsencode(path)) <= _MAX_UNIX_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class PrefetchJob:
+    """One `prefetch` of one file: running, done, or failed with an error."""
+
+    file: CachedFile
+    state: str = "running"
+    error: str | None = None
+
+
+class ControlServer:
+    """Answers control requests for one mount (runs in the daemon's nursery)."""
+
+    def __init__(
+        self,
+        tree: Tree,
+        fetcher: BlockFetcher,
+        ops: RemoteFsOperations,
+        cache_dir: Path,
+        mountpoint: Path,
+        invalidate: Callable[[int], None],
+    ) -> None:
+        self._tree = tree
+        self._fetcher = fetcher
+        self._ops = ops
+        self.path = cache_dir / SOCKET_NAME
+        self._mountpoint = mountpoint
+        self._invalidate = invalidate
+        self._jobs: dict[str, PrefetchJob] = {}  # by file path
+        self._nursery: trio.Nursery | None = None
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(
+        self, task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen until cancelled; reports the socket's path (None if it cannot listen)."""
+        try:
+            sock = self._bind()
+        except OSError as err:
+            log.warning(
+                "no control socket at %s (%s): status, prefetch and evict will not work",
+                self.path,
+                err.strerror or err,
+            )
+            task_status.started(None)
+            return
+        inode = os.stat(self.path).st_ino
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                task_status.started(str(self.path))
+                await trio.serve_listeners(self._connection, [listener], handler_nursery=nursery)
+        finally:
+            sock.close()
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == inode:
+                    os.unlink(self.path)
+
+    def _bind(self) -> socket.socket:
+        """A listening socket at `path`, 0600 from the start, replacing a stale one."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # we hold the cache lock: no live daemon owns this socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with unix_address(self.path) as address:
+                # bind creates the file; the umask makes it 0600 at once (no thread of this
+                # process creates files with wider modes, so the brief umask is harmless).
+                old_umask = os.umask(0o177)
+                try:
+                    sock.bind(address)
+                finally:
+                    os.umask(old_umask)
+            os.chmod(self.path, 0o600)
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        """Answer each request line of one client, in order, until it hangs up."""
+        buffer = bytearray()
+        try:
+            async with stream:
+                while True:
+                    newline = buffer.find(b"\n")
+                    if newline < 0:
+                        if len(buffer) > MAX_LINE:
+                            await self._send(stream, _error("request line too long"))
+                            return
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            return
+                        buffer += chunk
+                        continue
+                    line = bytes(buffer[:newline])
+                    del buffer[: newline + 1]
+                    if line.strip():
+                        await self._send(stream, await self.answer(line))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            log.exception("control connection failed")
+
+    @staticmethod
+    async def _send(stream: trio.SocketStream, response: dict[str, Any]) -> None:
+        await stream.send_all(json.dumps(response, separators=(",", ":")).encode() + b"\n")
+
+    async def answer(self, line: bytes) -> dict[str, Any]:
+        """The response to one request line (never raises)."""
+        try:
+            try:
+                request = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ControlError("a request is one JSON object per line") from None
+            if not isinstance(request, dict):
+                raise ControlError("a request is one JSON object per line")
+            paths = request.get("paths")
+            if paths is not None and (
+                not isinstance(paths, list) or not all(isinstance(p, str) for p in paths)
+            ):
+                raise ControlError("'paths' must be a list of strings")
+            command = request.get("cmd")
+            if command == "status":
+                return self.status(paths)
+            if command == "prefetch":
+                return self.prefetch(paths)
+            if command == "evict":
+                return await self.evict(paths)
+            raise ControlError(f"unknown command {command!r} (known: status, prefetch, evict)")
+        except ControlError as err:
+            return _error(str(err))
+        except Exception as err:
+            log.exception("control request failed")
+            return _error(f"internal error: {err}")
+
+    # -- selecting files -----------------------------------------------------------------------
+
+    def _select(self, paths: list[str] | None) -> list[FileNode]:
+        """The files *paths* name (every file when None), sorted by path."""
+        nodes = sorted(self._tree.files(), key=lambda node: node.cached.name)
+        if paths is None:
+            return nodes
+        chosen: dict[int, FileNode] = {}
+        for raw in paths:
+            path = raw.strip("/")
+            path = "" if path == "." else path
+            matched = [
+                node
+                for node in nodes
+                if not path or node.cached.name == path or node.cached.name.startswith(path + "/")
+            ]
+            if not matched:
+                raise ControlError(f"{raw}: no such file in the mount")
+            chosen.update((node.inode, node) for node in matched)
+        return sorted(chosen.values(), key=lambda node: node.cached.name)
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self, paths: list[str] | None = None) -> dict[str, Any]:
+        """Figures of the selected files (all by default) and their totals."""
+        files = [self._file_status(node.cached) for node in self._select(paths)]
+        size = sum(f["size"] for f in files)
+        cached = sum(f["cached_bytes"] for f in files)
+        return {
+            "ok": True,
+            "version": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "mountpoint": str(self._mountpoint),
+            "files": files,
+            "totals": {
+                "files": len(files),
+                "complete": sum(1 for f in files if f["state"] == "complete"),
+                "size": size,
+                "cached_bytes": cached,
+                "percent": _percent(cached, size),
+                "rate": sum(f["rate"] for f in files),
+                "origin_bytes": sum(f["origin_bytes"] for f in files),
+            },
+        }
+
+    def _file_status(self, cached: CachedFile) -> dict[str, Any]:
+        job = self._jobs.get(cached.name)
+        error = cached.stats.last_error
+        if cached.retired:
+            state, error = "error", "the remote file changed; waiting for the new version"
+        elif cached.complete:
+            state = "complete"
+        elif self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
+            state = "filling"
+        elif error:
+            state = "error"
+        else:
+            state = "partial"
+        return {
+            "path": cached.name,
+            "url": redact_url(cached.remote.url),
+            "size": cached.size,
+            "cached_bytes": cached.cached_bytes,
+            "percent": _percent(cached.cached_bytes, cached.size),
+            "state": state,
+            "error": error if state == "error" else None,
+            "rate": round(cached.stats.rate()),
+            "origin_bytes": cached.stats.origin_bytes,
+            "prefetch": None if job is None else {"state": job.state, "error": job.error},
+        }
+
+    # -- prefetch ------------------------------------------------------------------------------
+
+    def prefetch(self, paths: list[str] | None) -> dict[str, Any]:
+        """Start downloading the selected files completely; answers at once."""
+        if not paths:
+            raise ControlError("prefetch needs at least one path")
+        assert self._nursery is not None
+        nodes = self._select(paths)
+        for node in nodes:
+            cached = node.cached
+            job = self._jobs.get(cached.name)
+            if job is not None and job.state == "running" and job.file is cached:
+                continue  # already on its way
+            cached.no_fill = False
+            if cached.complete:
+                self._jobs[cached.name] = PrefetchJob(cached, "done")
+                continue
+            job = PrefetchJob(cached)
+            self._jobs[cached.name] = job
+            self._nursery.start_soon(self._run_prefetch, job)
+        return {"ok": True, "files": [node.cached.name for node in nodes]}
+
+    async def _run_prefetch(self, job: PrefetchJob) -> None:
+        """Download every missing block of the job's file, a few chunks at a time."""
+        file = job.file
+        log.info(
+            "%s: prefetch started (%d bytes missing)", file.name, file.size - file.cached_bytes
+        )
+        chunk_blocks = max(1, PREFETCH_CHUNK // file.block_size)
+        work = (
+            (start, min(start + chunk_blocks, end))
+            for first, end in sorted(gaps_largest_first(file))
+            for start in range(first, end, chunk_blocks)
+        )
+        failures: list[BaseException] = []
+
+        async def worker() -> None:
+            for first, end in work:
+                if failures:
+                    return
+                try:
+                    await self._fetcher.fill(file, first, end, pausable=False)
+                except RangeNotSupportedError:
+                    return  # the file is fetched as one stream below
+                except (HttpSourceError, OSError, FileRetiredError) as err:
+                    failures.append(err)
+                    return
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(PREFETCH_WORKERS):
+                    nursery.start_soon(worker)
+            if failures:
+                raise failures[0]
+            # What other downloads were fetching meanwhile, or a server without Range.
+            await self._fetcher.ensure(file, 0, file.nblocks)
+        except (HttpSourceError, OSError, FileRetiredError, ReadError) as err:
+            job.state, job.error = "failed", str(err)
+            log.warning("%s: prefetch failed: %s", file.name, err)
+            return
+        except Exception as err:  # a bug must cost this prefetch, not the mount
+            log.exception("%s: prefetch failed", file.name)
+            job.state, job.error = "failed", f"internal error: {err!r}"
+            return
+        job.state = "done"
+        log.info("%s: prefetch done (%d bytes cached)", file.name, file.cached_bytes)
+
+    # -- evict ---------------------------------------------------------------------------------
+
+    def _busy(self, node: FileNode) -> str | None:
+        """Why *node*'s cache cannot be evicted now, or None."""
+        cached = node.cached
+        handles = self._ops.open_handles(cached)
+        if handles:
+            plural = "s" if handles > 1 else ""
+            return f"{cached.name} is open ({handles} handle{plural}); close it first"
+        job = self._jobs.get(cached.name)
+        if self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
+            return f"{cached.name} is downloading; try again when it is done"
+        return None
+
+    async def evict(self, paths: list[str] | None) -> dict[str, Any]:
+        """Drop the cached blocks of the selected files; refused while one is busy.
+
+        Busy means open (a handle exists) or downloading. Handles are released and downloads
+        end asynchronously, so a busy file gets `EVICT_GRACE` seconds before the refusal.
+        Background fill yields at once, and leaves evicted files alone from then on (or it
+        would download them again).
+        """
+        if not paths:
+            raise ControlError("evict needs at least one path")
+        nodes = self._select(paths)
+        before = [(node.cached, node.cached.no_fill) for node in nodes]
+        for cached, _ in before:
+            cached.no_fill = True
+        deadline = trio.current_time() + EVICT_GRACE
+        while True:
+            busy = [reason for node in nodes if (reason := self._busy(node))]
+            if not busy:
+                break
+            if trio.current_time() >= deadline:
+                for cached, no_fill in before:
+                    cached.no_fill = no_fill
+                raise ControlError("not evicted: " + "; ".join(busy))
+            if any(self._fetcher.downloading(cached) for cached, _ in before):
+                self._fetcher.pause_fill()  # a background fill of these files yields at once
+            await trio.sleep(0.05)
+        evicted: list[dict[str, Any]] = []
+        for node in nodes:
+            # Earlier files' saves awaited: check again, nothing may have started meanwhile.
+            reason = self._busy(node)
+            cached = node.cached
+            try:
+                if reason:
+                    raise ControlError(reason)
+                freed = await cached.evict()
+            except (ControlError, FileRetiredError, OSError) as err:
+                for other, no_fill in before[len(evicted) :]:
+                    other.no_fill = no_fill
+                done = ", ".join(f["path"] for f in evicted) or "none"
+                text = err.strerror if isinstance(err, OSError) else str(err)
+                raise ControlError(
+                    f"{cached.name}: not evicted: {text} (evicted: {done})"
+                ) from None
+            self._jobs.pop(cached.name, None)
+            # The kernel's page cache must forget the bytes too, or reads never reach us.
+            await trio.to_thread.run_sync(self._invalidate, node.inode)
+            log.info("%s: evicted (%d bytes dropped)", cached.name, freed)
+            evicted.append({"path": cached.name, "freed": freed})
+        return {"ok": True, "files": evicted}
+
+
+def _percent(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 2) if whole else 100.0
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"ok": False, "error": text}
