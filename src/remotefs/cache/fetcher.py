@@ -77,6 +77,8 @@ class Download:
     end: int
     #: A download of the whole body (the server ignores Range); at most one per file.
     stream: bool = False
+    #: Readahead or fill: it may not take the connections reserved for readers.
+    background: bool = False
     done: bool = False
     error: BaseException | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
@@ -348,7 +350,8 @@ class BlockFetcher:
         part_blocks = max(1, part // block_size) if split else file.nblocks
         for first, run_end in _runs(missing, inflight):
             for part_first in range(first, run_end, part_blocks):
-                self._start(file, inflight, part_first, min(part_first + part_blocks, run_end))
+                end_block = min(part_first + part_blocks, run_end)
+                self._start(file, inflight, part_first, end_block, background=True)
 
     def downloading(self, file: CachedFile) -> bool:
         """True while a download of some of *file*'s blocks is in flight."""
@@ -406,7 +409,7 @@ class BlockFetcher:
                 return
             run_first, run_end = runs[0]
             position = run_end
-            download = Download(run_first, run_end)
+            download = Download(run_first, run_end, background=pausable)
             for block in range(run_first, run_end):
                 inflight[block] = download
             scope = trio.CancelScope()
@@ -447,9 +450,13 @@ class BlockFetcher:
         end: int,
         *,
         stream: bool = False,
+        background: bool = False,
     ) -> None:
-        """Register and launch a download of blocks ``[first, end)``."""
-        download = Download(first, end, stream=stream)
+        """Register and launch a download of blocks ``[first, end)``.
+
+        *background* (readahead) downloads leave the pool's reserved connections to readers.
+        """
+        download = Download(first, end, stream=stream, background=background)
         for block in range(first, end):
             if stream and block in inflight:
                 continue
@@ -534,7 +541,9 @@ class BlockFetcher:
         start = block * file.block_size
         end = min(download.end * file.block_size, file.size)
         assembler = _BlockAssembler(file, block, download)
-        await self._source.fetch_range(file.remote, start, end, assembler.feed)
+        await self._source.fetch_range(
+            file.remote, start, end, assembler.feed, background=download.background
+        )
 
     async def _run_stream(
         self, file: CachedFile, inflight: dict[int, Download], download: Download

@@ -161,6 +161,23 @@ def _use_large_socket_reads() -> None:
         connection.READ_NUM_BYTES = SOCKET_READ_SIZE
 
 
+#: Connections of the pool that background requests (readahead, fill) never take.
+FOREGROUND_RESERVE = 2
+
+
+class _NoLimit:
+    """An async context manager that limits nothing (foreground requests)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+
+
 class HttpSource:
     """Probes URLs and streams verified ranges over one bounded connection pool."""
 
@@ -168,6 +185,9 @@ class HttpSource:
         _use_large_socket_reads()
         self._options = options
         self._limiter = trio.CapacityLimiter(options.max_connections)
+        self._background_limiter = trio.CapacityLimiter(
+            max(1, options.max_connections - FOREGROUND_RESERVE)
+        )
         verify: ssl.SSLContext | bool = True
         if options.insecure:
             verify = False
@@ -239,8 +259,13 @@ class HttpSource:
         start: int,
         end: int,
         on_data: Callable[[bytes], None],
+        *,
+        background: bool = False,
     ) -> None:
         """Stream bytes ``[start, end)`` of *meta*'s file into *on_data*, in order.
+
+        *background* requests (readahead, fill) may hold all but `FOREGROUND_RESERVE` of the
+        pool's connections, so a reader that misses the cache never queues behind them.
 
         ``If-Range`` carries the cached version's validator, so a changed file comes back as a
         200 and raises `RemoteChangedError` instead of mixing versions. *on_data* may have
@@ -256,7 +281,11 @@ class HttpSource:
         what = f"GET {redact_url(meta.url)} bytes {start}-{end - 1}"
 
         async def attempt(url: str) -> None:
-            async with self._limiter, self._request(url, headers, what) as response:
+            async with (
+                self._background_limiter if background else _NO_LIMIT,
+                self._limiter,
+                self._request(url, headers, what) as response,
+            ):
                 self._check_range_response(response, meta, start, end, what, bool(validator))
                 self._remember_target(meta.url, response)
                 await self._stream_body(response, end - start, on_data, what)
