@@ -22,7 +22,14 @@ import trio
 
 from . import __version__
 from .cache.store import CacheDirError
-from .config.manifest import ManifestEntry, ManifestError, load_manifest
+from .config.manifest import (
+    HeaderError,
+    ManifestEntry,
+    ManifestError,
+    load_header_file,
+    load_manifest,
+    parse_header_option,
+)
 from .config.options import MountOptions, default_cache_dir
 from .control_client import COMMANDS as CONTROL_COMMANDS
 from .control_client import add_commands as add_control_commands
@@ -180,6 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
         " default: 1M)",
     )
     mount.add_argument("--user-agent", default=defaults.user_agent, help="User-Agent header")
+    mount.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="request header sent with every request (repeatable; visible in ps: use"
+        " --header-file for secrets)",
+    )
+    mount.add_argument(
+        "--header-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file of request headers for every request, one 'Name: value' per line",
+    )
+    mount.add_argument(
+        "--proxy",
+        default=None,
+        metavar="URL",
+        help="send all requests through this proxy (http://, https://, socks5://, socks5h://);"
+        " default: the HTTP_PROXY/HTTPS_PROXY/ALL_PROXY/NO_PROXY environment variables",
+    )
+    mount.add_argument(
+        "--no-http2",
+        dest="http2",
+        action="store_false",
+        help="never use HTTP/2 (by default it is offered to HTTPS servers)",
+    )
     mount.add_argument("--ca-bundle", default=None, help="PEM file of CA certificates to trust")
     mount.add_argument(
         "--insecure", action="store_true", help="do NOT verify TLS certificates (dangerous)"
@@ -251,6 +286,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     """Validate everything, then run the daemon (in the background unless ``-f``)."""
     try:
         entries = load_manifest(args.urls)
+        headers = load_header_file(args.header_file) if args.header_file else ()
+        headers += tuple(parse_header_option(text) for text in args.header)
         mountpoint = check_mountpoint(args.mountpoint)
         options = MountOptions(
             cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
@@ -270,12 +307,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
             fill_connections=args.fill_connections,
             fill_rate=args.fill_rate,
             user_agent=args.user_agent,
+            headers=headers,
+            proxy=args.proxy,
+            http2=args.http2,
             ca_bundle=args.ca_bundle,
             insecure=args.insecure,
             allow_other=args.allow_other,
             status_interval=args.status_interval,
         )
-    except (ManifestError, MountpointError) as err:
+    except (ManifestError, MountpointError, HeaderError) as err:
         return _fail(str(err))
     except ValueError as err:
         return _fail(f"invalid option: {err}")

@@ -1,7 +1,18 @@
 """Parse the URL manifest (``urls.txt``) that decides what the filesystem shows.
 
 Each non-blank, non-comment line is ``URL [PATH]``: the remote file and where it appears under
-the mount root.  The whole manifest is validated up front and the first problem is reported as a
+the mount root. Indented ``Name: value`` lines right below a URL line add request headers
+for that URL only (``Authorization: Bearer ...`` for a private file)::
+
+    https://example.org/private/disk.img   images/disk.img
+        Authorization: Bearer TOKEN
+        X-Api-Version: 2
+
+An indented line is a header line when its first word is not a URL (has no ``://``), so every
+manifest that was valid before stays valid and means the same. Header values are secrets as
+far as messages go: errors name the header, never its value.
+
+The whole manifest is validated up front and the first problem is reported as a
 :class:`ManifestError` that names the file and line, so that a typo is found when the user runs
 the command, not later as a confusing I/O error inside a mounted filesystem.
 
@@ -14,8 +25,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from ..redact import redact_url
@@ -26,6 +37,27 @@ _BOM = "\ufeff"
 # WHATWG "forbidden host code points" (minus the C0 controls, which are rejected earlier).
 _FORBIDDEN_HOST_CHARS = frozenset(" #/:<>?@[\\]^|")
 _BRACKETED_HOST = re.compile(r"\[[^\[\]]*\](?::[^:]*)?")
+# RFC 9110 §5.6.2 token: the characters a header name may have.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)
+#: Headers remotefs sets itself and must control: a user value would break verified ranges,
+#: raw bodies or the framing of the request.
+RESERVED_HEADERS = frozenset(
+    {
+        "range",
+        "if-range",
+        "accept-encoding",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "keep-alive",
+    }
+)
+
+#: Request headers as (name, value) pairs, in the order given.
+Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -35,6 +67,8 @@ class ManifestEntry:
     url: str  # the URL as it will be requested (fragment removed)
     path: tuple[str, ...]  # path segments under the mount root, e.g. ("isos", "debian.iso")
     line: int  # 1-based line number in the manifest
+    # Request headers for this URL only (indented lines below it); kept out of repr: secrets.
+    headers: Headers = field(default=(), repr=False)
 
 
 class ManifestError(ValueError):
@@ -107,20 +141,129 @@ def parse_manifest_text(text: str, source: str) -> list[ManifestEntry]:
     """
     entries: list[ManifestEntry] = []
     tree = _PathTree()
-    for number, content in _content_lines(text):
+    headers: list[tuple[str, str]] = []
+    follows_url = False  # the previous content line belongs to a URL entry (no blank between)
+    for number, raw, content in _content_lines(text):
         try:
+            if not content:  # a blank line ends the entry above it
+                follows_url = False
+                continue
+            if _is_header_line(raw, content):
+                if not follows_url:
+                    raise _LineError(
+                        "an indented header line must follow its URL line"
+                        " (or another header line of it) with no blank line between"
+                    )
+                headers.append(parse_header(content))
+                continue
+            _finish_headers(entries, headers)
             url, path = _parse_line(content)
             tree.add(path, number)
         except _LineError as exc:
             raise ManifestError(source, number, exc.reason) from None
         entries.append(ManifestEntry(url=url, path=path, line=number))
+        follows_url = True
+    _finish_headers(entries, headers)
     if not entries:
         raise ManifestError(source, None, "no URLs in the file")
+    _check_same_url_same_headers(entries, source)
     return entries
 
 
-def _content_lines(text: str) -> Iterator[tuple[int, str]]:
-    """Yield ``(line number, stripped line)`` for lines that are neither blank nor comments.
+def _finish_headers(entries: list[ManifestEntry], headers: list[tuple[str, str]]) -> None:
+    """Attach the header lines collected so far to the last entry, and start afresh."""
+    if headers:
+        last = entries[-1]
+        entries[-1] = ManifestEntry(last.url, last.path, last.line, tuple(headers))
+        headers.clear()
+
+
+def _check_same_url_same_headers(entries: list[ManifestEntry], source: str) -> None:
+    """One URL listed twice shares one cache and one probe, so it needs the same headers."""
+    first: dict[str, ManifestEntry] = {}
+    for entry in entries:
+        earlier = first.setdefault(entry.url, entry)
+        if earlier.headers != entry.headers:
+            raise ManifestError(
+                source,
+                entry.line,
+                f"URL {redact_url(entry.url)!r} is also on line {earlier.line} with other"
+                " headers; one URL needs the same headers everywhere",
+            )
+
+
+def _is_header_line(raw: str, content: str) -> bool:
+    """An indented line whose first word is not a URL."""
+    return raw[:1] in (" ", "\t") and "://" not in content.split(None, 1)[0]
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """``Name: value`` -> (name, value); raises `_LineError` naming the problem, not the value.
+
+    Used for urls.txt header lines, ``--header`` and ``--header-file`` lines alike.
+    """
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not name:
+        raise _LineError("malformed header line (expected 'Name: value')")
+    if not _HEADER_NAME.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise _LineError(f"malformed header line: {shown!r} is not a valid header name")
+    if any(_is_control(ch) and ch != "\t" for ch in value):
+        raise _LineError(f"header {name!r}: the value contains control characters")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _LineError(f"header {name!r}: the value is not ASCII/Latin-1") from None
+    if name.lower() in RESERVED_HEADERS:
+        raise _LineError(f"header {name!r} is set by remotefs itself and cannot be given")
+    return name, value
+
+
+class HeaderError(ValueError):
+    """A header from ``--header`` or a header file is malformed; the message has no value."""
+
+
+def parse_header_option(text: str) -> tuple[str, str]:
+    """Parse one ``--header 'Name: value'`` argument."""
+    try:
+        return parse_header(text)
+    except _LineError as exc:
+        raise HeaderError(f"--header: {exc.reason}") from None
+
+
+def parse_header_lines(lines: Iterable[str], source: str) -> Headers:
+    """Parse a header file: one ``Name: value`` per line, blank and ``#`` lines skipped."""
+    headers: list[tuple[str, str]] = []
+    for index, raw in enumerate(lines):
+        content = raw.strip()
+        if index == 0 and content.startswith(_BOM):
+            content = content[len(_BOM) :].strip()
+        if not content or content.startswith("#"):
+            continue
+        try:
+            headers.append(parse_header(content))
+        except _LineError as exc:
+            raise HeaderError(f"{source}:{index + 1}: {exc.reason}") from None
+    return tuple(headers)
+
+
+def load_header_file(path: str | os.PathLike[str]) -> Headers:
+    """Read a ``--header-file``; errors name the file and line, never a value."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as exc:
+        raise HeaderError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise HeaderError(f"{path}: not valid UTF-8") from None
+    return parse_header_lines(text.split("\n"), str(path))
+
+
+def _content_lines(text: str) -> Iterator[tuple[int, str, str]]:
+    """Yield ``(line number, raw line, stripped line)`` for every line that is not a comment.
+
+    Blank lines are yielded (stripped to ``""``): they end a URL's header lines.
 
     Lines are split on ``\\n`` only (``\\r\\n`` works because of the strip): ``str.splitlines``
     would also split on form feeds, U+2028 and others, and the line numbers in error messages
@@ -130,8 +273,8 @@ def _content_lines(text: str) -> Iterator[tuple[int, str]]:
         text = text[len(_BOM) :]
     for index, raw in enumerate(text.split("\n")):
         content = raw.strip()
-        if content and not content.startswith("#"):
-            yield index + 1, content
+        if not content.startswith("#"):
+            yield index + 1, raw, content
 
 
 def _parse_line(content: str) -> tuple[str, tuple[str, ...]]:

@@ -76,6 +76,14 @@ class MountOptions:
     # read request it sends us (at most 1 MiB, FUSE's limit). Needs root; else 128 KiB.
     kernel_readahead: int = 1 * MiB
     user_agent: str = "remotefs/0.1"
+    # Request headers sent with every request (--header, --header-file), as (name, value)
+    # pairs; per-URL headers from urls.txt are added on top. Out of repr: they hold secrets.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # All requests through this proxy (http://, https://, socks5://, socks5h://). None: the
+    # standard environment variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) apply.
+    proxy: str | None = field(default=None, repr=False)
+    # Offer HTTP/2 in the TLS handshake (ALPN); servers that do not take it get HTTP/1.1.
+    http2: bool = True
     ca_bundle: str | None = None
     insecure: bool = False
     allow_other: bool = False
@@ -93,3 +101,13 @@ class MountOptions:
             raise ValueError("timeouts must be positive")
         if self.status_interval <= 0:
             raise ValueError("the status interval must be positive")
+        if self.proxy is not None:
+            scheme, sep, rest = self.proxy.partition("://")
+            if not sep or not rest or scheme.lower() not in PROXY_SCHEMES:
+                # The proxy URL may hold a password: say what is wrong, never echo it.
+                raise ValueError(
+                    "--proxy must be a URL starting with http://, https://, socks5:// or socks5h://"
+                )
+
+
+PROXY_SCHEMES = frozenset({"http", "https", "socks5", "socks5h"})

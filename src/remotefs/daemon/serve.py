@@ -90,7 +90,7 @@ class Daemon:
         self._stopping_sent = False
         self.store = CacheStore(options.cache_dir, options.block_size)
         self.tree = Tree()
-        self._source = HttpSource(options)
+        self._source = HttpSource(options, {entry.url: entry.headers for entry in entries})
         self._nursery: trio.Nursery | None = None
         self._changing: set[CachedFile] = set()
 

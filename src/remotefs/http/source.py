@@ -14,6 +14,16 @@ Everything here is about not trusting the wire more than it deserves:
 
 All requests share one `httpx.AsyncClient` (keep-alive) behind a `trio.CapacityLimiter` so the
 whole mount never opens more than ``max_connections`` connections.
+
+Headers: ``--header``/``--header-file`` apply to every URL, and a URL's own header lines in
+urls.txt are added on top (replacing a global header of the same name). Redirects are followed
+by httpx, which drops ``Authorization`` when a redirect leaves the origin (except http -> https
+on the same host) and drops ``Cookie`` on every redirect. A remembered redirect target is
+requested directly, so the same rule is applied here before such a request.
+
+With ``http2`` (the default) HTTP/2 is offered in the TLS handshake; the server chooses.
+``--proxy`` sends everything through one proxy; without it httpx honours HTTP_PROXY,
+HTTPS_PROXY, ALL_PROXY and NO_PROXY (``trust_env``).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -181,9 +191,15 @@ _NO_LIMIT = _NoLimit()
 class HttpSource:
     """Probes URLs and streams verified ranges over one bounded connection pool."""
 
-    def __init__(self, options: MountOptions) -> None:
+    def __init__(
+        self,
+        options: MountOptions,
+        url_headers: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    ) -> None:
+        """*url_headers* maps a manifest URL to its own request headers (urls.txt lines)."""
         _use_large_socket_reads()
         self._options = options
+        self._url_headers = {url: list(h) for url, h in (url_headers or {}).items() if h}
         self._limiter = trio.CapacityLimiter(options.max_connections)
         self._background_limiter = trio.CapacityLimiter(
             max(1, options.max_connections - FOREGROUND_RESERVE)
@@ -193,8 +209,12 @@ class HttpSource:
             verify = False
         elif options.ca_bundle:
             verify = ssl.create_default_context(cafile=options.ca_bundle)
+        if options.proxy:
+            log.info("all requests go through the proxy %s", redact_url(options.proxy))
         self._client = httpx.AsyncClient(
-            http2=False,
+            http2=options.http2,
+            proxy=options.proxy,
+            trust_env=True,
             follow_redirects=True,
             verify=verify,
             headers={"Accept-Encoding": "identity", "User-Agent": options.user_agent},
@@ -221,7 +241,8 @@ class HttpSource:
     async def probe(self, url: str) -> RemoteMeta:
         """Learn size, validators, type and Range support of *url* with one ``bytes=0-0`` GET."""
         what = f"probe {redact_url(url)}"
-        async with self._limiter, self._request(url, {"Range": "bytes=0-0"}, what) as response:
+        request = self._request(url, {"Range": "bytes=0-0"}, what, key=url)
+        async with self._limiter, request as response:
             headers = response.headers
             accepts_ranges = headers.get("accept-ranges", "").strip().lower() != "none"
             if response.status_code == 206:
@@ -284,7 +305,7 @@ class HttpSource:
             async with (
                 self._background_limiter if background else _NO_LIMIT,
                 self._limiter,
-                self._request(url, headers, what) as response,
+                self._request(url, headers, what, key=meta.url) as response,
             ):
                 self._check_range_response(response, meta, start, end, what, bool(validator))
                 self._remember_target(meta.url, response)
@@ -302,7 +323,7 @@ class HttpSource:
         what = f"GET {redact_url(meta.url)} (whole file)"
 
         async def attempt(url: str) -> int:
-            async with self._limiter, self._request(url, {}, what) as response:
+            async with self._limiter, self._request(url, {}, what, key=meta.url) as response:
                 if response.status_code != 200:
                     raise error_for_status(
                         response.status_code, what, response.headers.get("retry-after")
@@ -403,14 +424,36 @@ class HttpSource:
         if etag and meta.etag and etag != meta.etag:
             raise RemoteChangedError(f"{what}: ETag changed: the remote file changed")
 
-    def _request(self, url: str, headers: dict[str, str], what: str) -> _Exchange:
-        return _Exchange(self, url, headers, what)
+    def _request(self, url: str, headers: dict[str, str], what: str, *, key: str) -> _Exchange:
+        """One GET of *url* (*key*'s remembered redirect target, or *key* itself)."""
+        return _Exchange(self, url, self.request_headers(key, url, headers), what)
+
+    def request_headers(self, key: str, url: str, own: Mapping[str, str]) -> list[tuple[str, str]]:
+        """The headers of a request of *url* for manifest URL *key*: user headers, then *own*.
+
+        Global headers come first; a per-URL header replaces global ones of the same name.
+        When *url* is a remembered redirect target of *key*, ``Authorization`` is dropped if
+        the target is on another origin and ``Cookie`` is always dropped, exactly as httpx
+        does when it follows the redirect itself.
+        """
+        per_url = self._url_headers.get(key, [])
+        replaced = {name.lower() for name, _ in per_url}
+        headers = [(n, v) for n, v in self._options.headers if n.lower() not in replaced]
+        headers += per_url
+        if url != key:
+            strip = {"cookie"}
+            if not _same_origin_or_upgrade(key, url):
+                strip.add("authorization")
+            headers = [(n, v) for n, v in headers if n.lower() not in strip]
+        return headers + list(own.items())
 
 
 class _Exchange:
     """Async context manager around one streamed request that maps httpx errors to ours."""
 
-    def __init__(self, source: HttpSource, url: str, headers: dict[str, str], what: str) -> None:
+    def __init__(
+        self, source: HttpSource, url: str, headers: list[tuple[str, str]], what: str
+    ) -> None:
         self._source = source
         self._url = url
         self._headers = headers
@@ -437,6 +480,22 @@ class _Exchange:
                 raise _map_httpx_error(err, self._what) from err
         if isinstance(exc, httpx.HTTPError):
             raise _map_httpx_error(exc, self._what) from exc
+
+
+def _same_origin_or_upgrade(original: str, target: str) -> bool:
+    """httpx's rule for keeping Authorization on a redirect from *original* to *target*."""
+    a, b = httpx.URL(original), httpx.URL(target)
+    if (a.scheme, a.host, _port(a)) == (b.scheme, b.host, _port(b)):
+        return True
+    return (
+        a.host == b.host
+        and (a.scheme, _port(a)) == ("http", 80)
+        and (b.scheme, _port(b)) == ("https", 443)
+    )
+
+
+def _port(url: httpx.URL) -> int | None:
+    return url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
 def _same_validators(meta: RemoteMeta, headers: httpx.Headers) -> bool:
@@ -493,4 +552,5 @@ def _short(err: BaseException) -> str:
         if str(cause):
             text = str(cause).splitlines()[0]
         cause = cause.__cause__ or cause.__context__
-    return re.sub(r"https?://\S+", lambda m: redact_url(m.group(0)), text)[:200]
+    # Any URL (an origin's, a proxy's with its password) is shown without its secrets.
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)[:200]
