@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bandwidth cap of background fill in bytes/s, e.g. 10M (default: none)",
     )
     mount.add_argument(
+        "--cache-max-size",
+        type=parse_size,
+        default=defaults.cache_max_size,
+        help="keep at most this many bytes of cached blocks, evicting the least recently used"
+        " (files nobody has open first); at least 4M (default: no cap)",
+    )
+    mount.add_argument(
         "--kernel-readahead",
         type=parse_size,
         default=defaults.kernel_readahead,
@@ -306,6 +313,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             fill_idle=args.fill_idle,
             fill_connections=args.fill_connections,
             fill_rate=args.fill_rate,
+            cache_max_size=args.cache_max_size,
             user_agent=args.user_agent,
             headers=headers,
             proxy=args.proxy,

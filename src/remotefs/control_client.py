@@ -254,6 +254,12 @@ def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
             "",
         ]
     )
+    if totals.get("cache_max_size"):
+        cap, used = totals["cache_max_size"], totals["cache_used"]
+        lines[0] = (
+            f"{lines[0][:-1]}; cache {human(used)} of {human(cap)} cap,"
+            f" {human(totals['evicted_bytes'])} evicted)"
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     right = {1, 2, 5, 6}  # sizes and rates
     for index, row in enumerate(rows):

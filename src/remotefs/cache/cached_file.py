@@ -97,15 +97,19 @@ class CachedFile:
     @property
     def cached_bytes(self) -> int:
         """Bytes present locally (the last block may be short)."""
-        count = len(self.bitmap)
-        if count and (self.nblocks - 1) in self.bitmap:
-            return (count - 1) * self.block_size + self.block_length(self.nblocks - 1)
-        return count * self.block_size
+        return self.bytes_of(self.bitmap)
 
     @property
     def dirty(self) -> bool:
         """True when the bitmap changed since it was last saved."""
         return self._version != self._saved_version
+
+    def bytes_of(self, blocks: BitMap) -> int:
+        """The bytes that *blocks* (of this file) hold; the last block may be short."""
+        count = len(blocks)
+        if count and (self.nblocks - 1) in blocks:
+            return (count - 1) * self.block_size + self.block_length(self.nblocks - 1)
+        return count * self.block_size
 
     def block_length(self, index: int) -> int:
         """Length of block *index*: the block size, except for a short last block."""
@@ -171,23 +175,37 @@ class CachedFile:
             self.close()
 
     async def evict(self) -> int:
-        """Forget every cached block and free its disk space; return the bytes dropped.
+        """Forget every cached block and free its disk space; return the bytes dropped."""
+        return await self.evict_blocks(None)
 
-        The bits are cleared first and the empty bitmap is saved (fsync'ed) before any byte is
+    async def evict_blocks(self, blocks: BitMap | None) -> int:
+        """Forget *blocks* (every block when None), free their disk space; return the bytes.
+
+        The bits are cleared first and the bitmap is saved (fsync'ed) before any byte is
         dropped, so a crash in between never leaves a bitmap on disk that claims a hole. Blocks
-        that arrive during the save keep their bytes. The caller makes sure nothing is
-        downloading this file (a download started meanwhile is harmless, only wasteful).
+        stored again during the save keep their bytes. If the save fails, nothing was dropped
+        and the bits are set again. The caller makes sure no reader waits for these blocks (a
+        download that stores them again meanwhile is harmless, only wasteful).
         """
         if self.retired:
             raise FileRetiredError(f"{self.name}: the remote file changed; nothing to evict")
-        dropped = self.bitmap.copy()
-        freed = self.cached_bytes
-        self.bitmap.clear()
+        dropped = self.bitmap.copy() if blocks is None else blocks & self.bitmap
+        freed = self.bytes_of(dropped)
+        if blocks is not None and not dropped:
+            return 0
+        self.bitmap -= dropped
         self._version += 1
         if self.meta.complete:
             self.meta = replace(self.meta, complete=False)
             self._meta_dirty = True
-        await self.save()
+        try:
+            await self.save()
+        except BaseException:
+            # The bytes are all still there: claiming them again is safe.
+            if not self.retired:
+                self.bitmap |= dropped
+                self._version += 1
+            raise
         if self.retired or self._fd < 0:
             return freed
         # Only now, with no durable claim left, may the bytes go. No await from here on.

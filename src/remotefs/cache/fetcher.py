@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -38,6 +38,7 @@ from ..config.options import MountOptions
 from ..http.errors import HttpSourceError, RangeNotSupportedError, RemoteChangedError
 from ..http.retry import retry_until
 from ..http.source import HttpSource
+from .budget import CacheBudget
 from .cached_file import CachedFile, FileRetiredError
 from .readahead import ReadStream
 
@@ -96,23 +97,62 @@ class Download:
 class _BlockAssembler:
     """Cuts a byte stream that starts at a block boundary into whole blocks and stores them.
 
-    Blocks already present are skipped (a whole-body stream passes over them).
+    Blocks already present are skipped (a whole-body stream passes over them). With a cache
+    cap (*budget*), blocks that would pass it are stored only after older ones were evicted:
+    `feed` then returns an awaitable, and the stream waits for it.
     """
 
-    def __init__(self, file: CachedFile, first_block: int, download: Download) -> None:
+    def __init__(
+        self,
+        file: CachedFile,
+        first_block: int,
+        download: Download,
+        budget: CacheBudget | None = None,
+    ) -> None:
         self._file = file
         self._block = first_block
         self._download = download
         self._buffer = bytearray()
+        self._budget = budget
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> Awaitable[None] | None:
         """Store every whole block the stream now holds; keep the rest for the next chunk.
 
         Runs of consecutive missing blocks are written with one `pwrite` each, straight from
         the received chunk when nothing was left over: a 1 MiB chunk costs one copy into the
-        cache instead of sixteen buffer shifts.
+        cache instead of sixteen buffer shifts. Returns an awaitable when the blocks must wait
+        for room under the cache cap.
         """
         self._file.stats.add(len(chunk))
+        budget = self._budget
+        if budget is not None:
+            need = self._new_bytes(len(self._buffer) + len(chunk))
+            if need and not budget.has_room(need):
+                self._buffer += chunk
+                return self._store_when_room(budget, need)
+        self._store(chunk)
+        return None
+
+    async def _store_when_room(self, budget: CacheBudget, need: int) -> None:
+        await budget.make_room(need)
+        # No await between the room check that just passed and the store.
+        self._store(b"")
+
+    def _new_bytes(self, available: int) -> int:
+        """Bytes of missing whole blocks among the next *available* bytes of the stream."""
+        file = self._file
+        block, total, need = self._block, 0, 0
+        while block < self._download.end:
+            length = file.block_length(block)
+            if total + length > available:
+                break
+            total += length
+            if block not in file.bitmap:
+                need += length
+            block += 1
+        return need
+
+    def _store(self, chunk: bytes) -> None:
         if self._buffer:
             self._buffer += chunk
             data = memoryview(self._buffer)
@@ -137,6 +177,8 @@ class _BlockAssembler:
                 break
             if not present:
                 file.write_blocks(first, block - first, data[position : position + run_bytes])
+                if self._budget is not None:
+                    self._budget.touch(file, first, block)
                 stored = True
             position += run_bytes
             self._block = block
@@ -172,9 +214,19 @@ class BlockFetcher:
         options: MountOptions,
         nursery: trio.Nursery,
         on_remote_changed: RemoteChangedCallback | None = None,
+        budget: CacheBudget | None = None,
     ) -> None:
         self._source = source
         self._options = options
+        #: The cache cap, when there is one (`--cache-max-size`).
+        self.budget = budget
+        # With a cap, a sequential reader's readahead is at most a quarter of it: blocks
+        # fetched ahead must not push out the ones being read.
+        self._readahead_max = options.readahead_max
+        if budget is not None:
+            self._readahead_max = max(
+                options.min_request, min(options.readahead_max, budget.cap // 4)
+            )
         self._nursery = nursery
         self._on_remote_changed = on_remote_changed
         self._inflight: dict[CachedFile, dict[int, Download]] = {}
@@ -208,7 +260,7 @@ class BlockFetcher:
                 end,
                 first_window=self._options.kernel_readahead,
                 initial=self._options.min_request,
-                maximum=self._options.readahead_max,
+                maximum=self._readahead_max,
             )
             if wanted is not None:
                 self.prefetch(file, wanted[0], wanted[1])
@@ -216,6 +268,9 @@ class BlockFetcher:
             return b""
         block_size = file.block_size
         first, last = offset // block_size, (end - 1) // block_size + 1
+        budget = self.budget
+        if budget is not None:
+            budget.touch(file, first, last)
         if file.has_blocks(first, last) and not file.retired:
             return file.read(offset, end - offset)
         if file.retired:
@@ -226,7 +281,11 @@ class BlockFetcher:
             limit = self._options.read_deadline + self._options.stall_timeout
             with trio.move_on_after(limit) as scope:
                 try:
-                    await self._ensure(file, first, last)
+                    if budget is None:
+                        await self._ensure(file, first, last)
+                    else:
+                        with budget.reading_blocks(file, first, last):
+                            await self._ensure(file, first, last)
                     return file.read(offset, end - offset)
                 except _CacheFullError:
                     pass
@@ -540,7 +599,7 @@ class BlockFetcher:
             return
         start = block * file.block_size
         end = min(download.end * file.block_size, file.size)
-        assembler = _BlockAssembler(file, block, download)
+        assembler = _BlockAssembler(file, block, download, self.budget)
         await self._source.fetch_range(
             file.remote, start, end, assembler.feed, background=download.background
         )
@@ -558,7 +617,7 @@ class BlockFetcher:
                 before = len(file.bitmap)
 
                 async def attempt() -> None:
-                    assembler = _BlockAssembler(file, 0, download)
+                    assembler = _BlockAssembler(file, 0, download, self.budget)
                     await self._source.fetch_whole(file.remote, assembler.feed)
 
                 try:

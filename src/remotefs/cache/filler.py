@@ -4,7 +4,9 @@ When no foreground read has arrived for ``fill_idle`` seconds, missing blocks ar
 file by file (in mount order), largest contiguous gap first, over at most ``fill_connections``
 connections and at most ``fill_rate`` bytes per second. The next foreground read cancels the
 fill at once (`BlockFetcher.pause_fill`); every whole block already stored is kept. An origin
-that fails is backed off (doubling up to five minutes) rather than hammered.
+that fails is backed off (doubling up to five minutes) rather than hammered. Under a cache cap
+fill only starts a chunk while the cache has room for it: it does not push out blocks that
+were read in order to complete files.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Filler:
         for file in self._files():
             if file.complete or file.retired or file.no_fill:
                 continue
+            budget = self._fetcher.budget
+            if budget is not None and not budget.has_room(FILL_CHUNK):
+                return None  # the cache is full: fill waits until a cap leaves room
             until, _ = self._backoff.get(file, (0.0, 0.0))
             if until <= now:
                 return file
@@ -92,10 +97,14 @@ class Filler:
         started = trio.current_time()
         fetched = [0]
 
+        budget = self._fetcher.budget
+
         async def worker() -> None:
             for first, end in work:
                 if failure or file.no_fill:
                     return
+                if budget is not None and not budget.has_room((end - first) * file.block_size):
+                    return  # background fill never evicts cached blocks to make room
                 before = file.cached_bytes
                 try:
                     await self._fetcher.fill(file, first, end)

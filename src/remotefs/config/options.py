@@ -14,6 +14,9 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+#: The smallest cache size cap: room for a few of the kernel's 1 MiB reads in flight at once.
+MIN_CACHE_MAX_SIZE = 4 * MiB
+
 SYSTEM_CACHE_DIR = Path("/var/cache/remotefs")
 
 
@@ -72,6 +75,9 @@ class MountOptions:
     fill_idle: float = 2.0
     fill_connections: int = 2
     fill_rate: int = 0
+    # The most bytes of cached blocks the mount keeps (0: no cap). Least recently used chunks
+    # of blocks are evicted to make room, those of files nobody has open first.
+    cache_max_size: int = 0
     # How far ahead the kernel itself reads for sequential readers, which is also the largest
     # read request it sends us (at most 1 MiB, FUSE's limit). Needs root; else 128 KiB.
     kernel_readahead: int = 1 * MiB
@@ -99,6 +105,10 @@ class MountOptions:
             raise ValueError("max connections must be at least 1")
         if self.read_deadline <= 0 or self.stall_timeout <= 0 or self.probe_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.cache_max_size and self.cache_max_size < MIN_CACHE_MAX_SIZE:
+            raise ValueError(
+                f"the cache size cap must be 0 (none) or at least {MIN_CACHE_MAX_SIZE // MiB}M"
+            )
         if self.status_interval <= 0:
             raise ValueError("the status interval must be positive")
         if self.proxy is not None:

@@ -11,10 +11,14 @@ The protocol is one JSON object per line each way, answered in order on one conn
     Per file: path, redacted URL, size, cached_bytes, percent, state (``complete``,
     ``partial``, ``filling`` while a download or a prefetch runs, ``error`` when the last
     download failed, with ``error``), rate (bytes/s over the last seconds), origin_bytes (this
-    session) and the outcome of the last prefetch; plus totals.
+    session) and the outcome of the last prefetch; plus totals. The totals also describe the
+    whole cache, whatever the paths: ``cache_used`` (cached bytes of every file, plus evicted
+    bytes whose disk space is being freed), ``cache_max_size`` (``0``: no cap) and
+    ``evicted_bytes`` (evicted under the cap this session).
 ``{"cmd": "prefetch", "paths": [...]}``
     Starts downloading the files completely, through the fetcher's single-flight path and
     not paused by foreground reads, and answers at once; the client polls ``status``.
+    Refused when the files together are larger than the cache cap.
 ``{"cmd": "evict", "paths": [...]}``
     Drops the files' cached blocks (refused while one is open or downloading).
 
@@ -260,7 +264,20 @@ class ControlServer:
                 "percent": _percent(cached, size),
                 "rate": sum(f["rate"] for f in files),
                 "origin_bytes": sum(f["origin_bytes"] for f in files),
+                **self._cache_totals(),
             },
+        }
+
+    def _cache_totals(self) -> dict[str, int]:
+        """Usage and cap of the whole cache (every file of the mount)."""
+        budget = self._fetcher.budget
+        if budget is None:
+            used = sum(node.cached.cached_bytes for node in self._tree.files())
+            return {"cache_used": used, "cache_max_size": 0, "evicted_bytes": 0}
+        return {
+            "cache_used": budget.used(),
+            "cache_max_size": budget.cap,
+            "evicted_bytes": budget.evicted_bytes,
         }
 
     def _file_status(self, cached: CachedFile) -> dict[str, Any]:
@@ -297,6 +314,14 @@ class ControlServer:
             raise ControlError("prefetch needs at least one path")
         assert self._nursery is not None
         nodes = self._select(paths)
+        budget = self._fetcher.budget
+        if budget is not None:
+            total = sum(node.cached.size for node in nodes)
+            if total > budget.cap:
+                raise ControlError(
+                    f"not prefetched: {total} bytes do not fit the cache cap"
+                    f" (--cache-max-size {budget.cap})"
+                )
         for node in nodes:
             cached = node.cached
             job = self._jobs.get(cached.name)
@@ -404,7 +429,8 @@ class ControlServer:
             try:
                 if reason:
                     raise ControlError(reason)
-                freed = await cached.evict()
+                budget = self._fetcher.budget
+                freed = await (cached.evict() if budget is None else budget.drop(cached))
             except (ControlError, FileRetiredError, OSError) as err:
                 for other, no_fill in before[len(evicted) :]:
                     other.no_fill = no_fill

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from ..cache.budget import CacheBudget
 from ..cache.cached_file import CachedFile
 from ..cache.checkpoint import run_checkpointer, save_all
 from ..cache.fetcher import BlockFetcher
@@ -104,16 +105,27 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                budget = None
+                if self.options.cache_max_size:
+                    budget = CacheBudget(self.options.cache_max_size, self._cached_files)
                 fetcher = BlockFetcher(
-                    self._source, self.options, nursery, on_remote_changed=self._remote_changed
+                    self._source,
+                    self.options,
+                    nursery,
+                    on_remote_changed=self._remote_changed,
+                    budget=budget,
                 )
                 await self._build_tree()
+                if budget is not None:
+                    await budget.trim()  # the cap may have been lowered since the last mount
                 ops = RemoteFsOperations(
                     self.tree,
                     fetcher,
                     self.options.block_size,
                     (self.options.prefetch_tail, self.options.prefetch_head),
                 )
+                if budget is not None:
+                    budget.open_files = ops.open_files
                 control = ControlServer(
                     self.tree,
                     fetcher,

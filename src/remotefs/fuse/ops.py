@@ -233,6 +233,10 @@ class RemoteFsOperations(pyfuse3.Operations):
         """How many open handles read *cached* (evicting it is refused while any does)."""
         return sum(1 for entry, _ in self._handles.values() if entry is cached)
 
+    def open_files(self) -> set[CachedFile]:
+        """The files that have at least one open handle (the cache cap evicts them last)."""
+        return {entry for entry, _ in self._handles.values()}
+
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 

@@ -279,7 +279,7 @@ class HttpSource:
         meta: RemoteMeta,
         start: int,
         end: int,
-        on_data: Callable[[bytes], None],
+        on_data: Callable[[bytes], Awaitable[None] | None],
         *,
         background: bool = False,
     ) -> None:
@@ -313,7 +313,9 @@ class HttpSource:
 
         await self._via_remembered_target(meta.url, attempt)
 
-    async def fetch_whole(self, meta: RemoteMeta, on_data: Callable[[bytes], None]) -> int:
+    async def fetch_whole(
+        self, meta: RemoteMeta, on_data: Callable[[bytes], Awaitable[None] | None]
+    ) -> int:
         """Stream the whole body of *meta*'s file (for servers without Range); return its size.
 
         The response must be a 200 of the same version: same ETag when both sides have one,
@@ -347,10 +349,12 @@ class HttpSource:
         self,
         response: httpx.Response,
         expected: int,
-        on_data: Callable[[bytes], None],
+        on_data: Callable[[bytes], Awaitable[None] | None],
         what: str,
     ) -> int:
         """Feed the raw body to *on_data*; a body of the wrong length is an error.
+
+        *on_data* may return an awaitable: the body is not read further until it is done.
 
         *expected* is UNKNOWN_SIZE for a body whose end only the server knows.
         """
@@ -360,7 +364,9 @@ class HttpSource:
                 raise ProtocolViolationError(f"{what}: body longer than expected")
             received += len(chunk)
             self.bytes_received += len(chunk)
-            on_data(chunk)
+            pending = on_data(chunk)
+            if pending is not None:
+                await pending  # the consumer needs time (room under the cache cap)
         if expected != UNKNOWN_SIZE and received != expected:
             raise TransientError(f"{what}: body ended after {received} of {expected} bytes")
         return received
