@@ -333,7 +333,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     source = os.path.abspath(args.urls)  # the mount's source in the mount table, as in fstab
 
     def serve(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
-        return _serve(options, entries, mountpoint, report_ready, report_error, source)
+        return _serve(
+            options, entries, mountpoint, report_ready, report_error, source, Path(source)
+        )
 
     if args.foreground:
         setup_logging(args.log_level, None)
@@ -366,6 +368,7 @@ def _serve(
     report_ready: Callable[[], None],
     report_error: Callable[[str], None],
     source: str = "remotefs",
+    urls_file: Path | None = None,
 ) -> int:
     """Run one daemon to completion; errors before readiness go to *report_error*."""
     from .daemon.serve import Daemon  # imports pyfuse3: only where a mount really happens
@@ -375,7 +378,7 @@ def _serve(
             "TLS certificate verification is OFF (--insecure): anyone on the path"
             " can change the bytes you read"
         )
-    daemon = Daemon(options, entries, mountpoint, fsname=source)
+    daemon = Daemon(options, entries, mountpoint, fsname=source, urls_file=urls_file)
     try:
         daemon.open_cache()
     except CacheDirError as err:

@@ -1,4 +1,4 @@
-"""``remotefs status``, ``remotefs prefetch`` and ``remotefs evict``: clients of a running mount.
+"""``remotefs status``, ``prefetch``, ``evict`` and ``reload``: clients of a running mount.
 
 They talk to the daemon over its control socket (see `remotefs.daemon.control` for the
 protocol), which they find through the ``user.remotefs.control`` xattr of the mount root, so
@@ -25,9 +25,10 @@ from typing import Any, TextIO
 from .daemon.control import MAX_LINE, unix_address
 from .fuse.ops import CONTROL_XATTR
 
-COMMANDS = ("status", "prefetch", "evict")
+COMMANDS = ("status", "prefetch", "evict", "reload")
 FSTYPE = "fuse.remotefs"
-#: How long one request may take (an eviction fsyncs, and waits briefly for busy files).
+#: How long one request may take (an eviction fsyncs, and waits briefly for busy files; a
+#: reload probes every URL, each for up to --probe-timeout, in parallel).
 REQUEST_TIMEOUT = 60.0
 #: Refresh interval of the live views on a terminal.
 STATUS_REFRESH = 1.0
@@ -293,7 +294,7 @@ class LiveView:
 
 
 def add_commands(commands: Any) -> None:
-    """Add the status, prefetch and evict sub-commands to the CLI's sub-parsers."""
+    """Add the status, prefetch, evict and reload sub-commands to the CLI's sub-parsers."""
     status = commands.add_parser(
         "status",
         help="show what each file of a mount has cached, and what is downloading",
@@ -321,6 +322,19 @@ def add_commands(commands: Any) -> None:
         " downloading.",
     )
     evict.add_argument("paths", nargs="+", metavar="PATH", help="a file inside a mount")
+    reload = commands.add_parser(
+        "reload",
+        help="re-read the URL list of a mount (as SIGHUP to its daemon does)",
+        description="Read the mount's URL list again: added URLs appear, removed ones"
+        " disappear (open files keep working until closed), changed ones are probed and"
+        " replaced; no remount. A broken list changes nothing and is reported with its line.",
+    )
+    reload.add_argument(
+        "mountpoint",
+        nargs="?",
+        metavar="MOUNTPOINT",
+        help="a mount, or a path inside one (default: the only remotefs mount)",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -330,6 +344,8 @@ def run_command(args: argparse.Namespace) -> int:
             return cmd_status(args.mountpoint, as_json=args.json, once=args.once)
         if args.command == "prefetch":
             return cmd_prefetch(args.paths)
+        if args.command == "reload":
+            return cmd_reload(args.mountpoint)
         return cmd_evict(args.paths)
     except ClientError as err:
         sys.stderr.write(f"remotefs: {err}\n")
@@ -465,4 +481,26 @@ def cmd_evict(paths: list[str]) -> int:
         for entry in answer["files"]:
             where = os.path.join(mountpoint, entry["path"])
             print(f"evicted {where} ({human(entry['freed'])} dropped)")
+    return 0
+
+
+def cmd_reload(target: str | None) -> int:
+    """``remotefs reload [MOUNTPOINT]``: one summary line, or the URL list's error."""
+    mounts = remotefs_mounts()
+    if target is not None:
+        found = locate(target, mounts)
+        mountpoint = found[0] if found else os.path.abspath(target)
+    elif len(mounts) == 1:
+        mountpoint = mounts[0]
+    elif not mounts:
+        raise ClientError("no remotefs mounts")
+    else:
+        raise ClientError(f"{len(mounts)} remotefs mounts; name one: {' '.join(mounts)}")
+    with Control(mountpoint) as control:
+        answer = control.request({"cmd": "reload"})
+    print(
+        f"{mountpoint}: reloaded {answer['urls']}: {answer['added']} added,"
+        f" {answer['removed']} removed, {answer['changed']} changed,"
+        f" {answer['updated']} updated at the origin ({answer['files']} files)"
+    )
     return 0

@@ -1,4 +1,4 @@
-"""The control socket of a running mount: `remotefs status`, `prefetch` and `evict`.
+"""The control socket of a running mount: `remotefs status`, `prefetch`, `evict`, `reload`.
 
 The daemon listens on a unix stream socket, ``CACHE_DIR/control.sock`` (mode 0600; a stale
 one left by a killed daemon is replaced, since whoever holds the cache lock owns it; removed
@@ -21,6 +21,11 @@ The protocol is one JSON object per line each way, answered in order on one conn
     Refused when the files together are larger than the cache cap.
 ``{"cmd": "evict", "paths": [...]}``
     Drops the files' cached blocks (refused while one is open or downloading).
+``{"cmd": "reload"}``
+    Reads urls.txt again, as SIGHUP does, and answers once the namespace matches it:
+    ``added``, ``removed``, ``changed`` (same path, new URL), ``updated`` (same line, the origin
+    serves another version), ``files`` and ``urls`` (the file read). A broken file changes
+    nothing; its error (``file:line: reason``) is the answer's ``error``.
 
 A path is relative to the mount root; a directory (``""`` for the root) selects every file
 under it. Every answer is ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
@@ -34,16 +39,17 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from ..cache.cached_file import CachedFile, FileRetiredError
 from ..cache.fetcher import BlockFetcher, ReadError
 from ..cache.filler import gaps_largest_first
+from ..config.manifest import ManifestError
 from ..config.options import MiB
 from ..fuse.ops import RemoteFsOperations
 from ..fuse.tree import FileNode, Tree
@@ -67,6 +73,12 @@ PREFETCH_CHUNK = 4 * MiB
 
 class ControlError(Exception):
     """A request that cannot be served; the message is the client's one-line error."""
+
+
+class ReloadResult(Protocol):
+    """What the daemon's reload reports (`remotefs.daemon.serve.ReloadSummary`)."""
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 @contextlib.contextmanager
@@ -105,6 +117,7 @@ class ControlServer:
         cache_dir: Path,
         mountpoint: Path,
         invalidate: Callable[[int], None],
+        reload: Callable[[], Awaitable[ReloadResult]] | None = None,
     ) -> None:
         self._tree = tree
         self._fetcher = fetcher
@@ -112,6 +125,7 @@ class ControlServer:
         self.path = cache_dir / SOCKET_NAME
         self._mountpoint = mountpoint
         self._invalidate = invalidate
+        self._reload = reload
         self._jobs: dict[str, PrefetchJob] = {}  # by file path
         self._nursery: trio.Nursery | None = None
 
@@ -215,7 +229,11 @@ class ControlServer:
                 return self.prefetch(paths)
             if command == "evict":
                 return await self.evict(paths)
-            raise ControlError(f"unknown command {command!r} (known: status, prefetch, evict)")
+            if command == "reload":
+                return await self.reload()
+            raise ControlError(
+                f"unknown command {command!r} (known: status, prefetch, evict, reload)"
+            )
         except ControlError as err:
             return _error(str(err))
         except Exception as err:
@@ -380,6 +398,18 @@ class ControlServer:
             return
         job.state = "done"
         log.info("%s: prefetch done (%d bytes cached)", file.name, file.cached_bytes)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read urls.txt (see `Daemon.reload`); a broken file is the error, file:line."""
+        if self._reload is None:
+            raise ControlError("this daemon has no URL list file to reload")
+        try:
+            summary = await self._reload()
+        except ManifestError as err:
+            raise ControlError(str(err)) from None
+        return {"ok": True, **summary.as_dict()}
 
     # -- evict ---------------------------------------------------------------------------------
 

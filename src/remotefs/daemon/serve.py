@@ -8,17 +8,21 @@ checkpointer, the re-prober and the signal handler. Order of a mount:
 3. mount, start serving, and only when the mountpoint answers a stat call `on_ready`
    (the foreground parent exits / systemd gets READY=1);
 4. on unmount, SIGINT or SIGTERM: stop downloads, save every bitmap, unmount, release the lock.
+
+SIGHUP and the control socket's ``reload`` re-read urls.txt (`Daemon.reload`) without a remount.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -29,16 +33,16 @@ from ..cache.checkpoint import run_checkpointer, save_all
 from ..cache.fetcher import BlockFetcher
 from ..cache.filler import Filler
 from ..cache.store import CacheStore
-from ..config.manifest import ManifestEntry
+from ..config.manifest import ManifestEntry, ManifestError, load_manifest
 from ..config.options import MountOptions
 from ..fuse.ops import RemoteFsOperations
-from ..fuse.tree import Tree
+from ..fuse.tree import FileNode, Removed, Tree
 from ..http.errors import HttpSourceError, RemoteChangedError
 from ..http.retry import retry_until
 from ..http.source import UNKNOWN_SIZE, HttpSource, RemoteMeta
 from .control import ControlServer
 from .notify import notify_enabled, sd_notify
-from .probe import probe_all, probe_one, reprobe_until_found
+from .probe import ProbeResult, probe_all, probe_one, reprobe_until_found
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,31 @@ def set_kernel_readahead(device: int, size: int) -> None:
         log.debug("kernel readahead left at its default (%s: %s)", knob, err.strerror)
 
 
+#: How often files removed by a reload are checked for their last handle (then closed).
+REAP_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class ReloadSummary:
+    """What one reload of urls.txt changed (the ``reload`` control answer)."""
+
+    urls: str  # the file read
+    added: int  # paths new in urls.txt
+    removed: int  # paths no longer in it
+    changed: int  # paths whose URL changed: the new URL is probed and shown instead
+    updated: int  # unchanged lines whose origin now serves another version (being replaced)
+    files: int  # files listed after the reload
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.urls}: {self.added} added, {self.removed} removed, {self.changed} changed,"
+            f" {self.updated} updated at the origin; {self.files} files"
+        )
+
+
 class Daemon:
     """One mount's lifetime; `run` returns after a clean unmount with all state saved."""
 
@@ -83,11 +112,23 @@ class Daemon:
         entries: Sequence[ManifestEntry],
         mountpoint: Path,
         fsname: str = "remotefs",
+        urls_file: Path | None = None,
     ) -> None:
         self.options = options
         self.entries = entries
         self.mountpoint = mountpoint
         self.fsname = fsname
+        #: The URL list `reload` reads again (absolute: the background daemon changes cwd).
+        self.urls_file = urls_file
+        #: The manifest being served, by path. Background tasks that place an entry check
+        #: that it is still the current one (a reload may have removed or changed it).
+        self._wanted: dict[tuple[str, ...], ManifestEntry] = {e.path: e for e in entries}
+        #: Background tasks (re-probe, download of unknown size) of entries not listed yet.
+        self._pending: dict[tuple[str, ...], trio.CancelScope] = {}
+        #: Reloads, and the closing of files they removed, run one at a time.
+        self._reload_lock = trio.Lock()
+        self._ops: RemoteFsOperations | None = None
+        self._fetcher: BlockFetcher | None = None
         self._stopping_sent = False
         self.store = CacheStore(options.cache_dir, options.block_size)
         self.tree = Tree()
@@ -115,6 +156,7 @@ class Daemon:
                     on_remote_changed=self._remote_changed,
                     budget=budget,
                 )
+                self._fetcher = fetcher
                 await self._build_tree()
                 if budget is not None:
                     await budget.trim()  # the cap may have been lowered since the last mount
@@ -126,6 +168,7 @@ class Daemon:
                 )
                 if budget is not None:
                     budget.open_files = ops.open_files
+                self._ops = ops
                 control = ControlServer(
                     self.tree,
                     fetcher,
@@ -133,16 +176,20 @@ class Daemon:
                     self.options.cache_dir,
                     self.mountpoint,
                     invalidate_inode,
+                    self.reload if self.urls_file is not None else None,
                 )
                 ops.control_path = await nursery.start(control.serve)
                 pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options, self.fsname))
                 mounted = True
                 nursery.start_soon(self._watch_signals)
+                # Started (SIGHUP caught) before anyone hears the mount is ready.
+                await nursery.start(self._watch_reload_signal)
+                nursery.start_soon(self._reap_unlinked_loop)
                 nursery.start_soon(
                     run_checkpointer, self._cached_files, self.options.checkpoint_interval
                 )
                 if self.options.fill:
-                    filler = Filler(fetcher, self._cached_files, self.options)
+                    filler = Filler(fetcher, self._listed_files, self.options)
                     nursery.start_soon(filler.run)
                 nursery.start_soon(self._announce_ready, on_ready)
                 await pyfuse3.main()
@@ -155,13 +202,21 @@ class Daemon:
                 await self._source.aclose()
             if mounted:
                 pyfuse3.close(unmount=True)
-            for node in self.tree.files():
-                node.cached.close()
+            for cached in self._cached_files():
+                cached.close()
             self.store.close()
             self._notify_stopping("stopped")
 
-    def _cached_files(self) -> list[CachedFile]:
+    def _listed_files(self) -> list[CachedFile]:
+        """The cache entries of the files in the namespace."""
         return [node.cached for node in self.tree.files()]
+
+    def _cached_files(self) -> list[CachedFile]:
+        """Every open cache entry: listed files and removed ones still open (saved alike)."""
+        listed = self._listed_files()
+        seen = set(listed)
+        extra = [n.cached for n in self.tree.unlinked.values() if n.cached not in seen]
+        return listed + list(dict.fromkeys(extra))
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self._nursery is not None
@@ -173,24 +228,71 @@ class Daemon:
         """Probe all URLs and place each one; unreachable ones are re-probed in the background."""
         results = await probe_all(self._source, self.entries, self.options)
         for entry in self.entries:
-            result = results[entry.url]
-            if isinstance(result, RemoteMeta):
-                self._place(entry, result)
-                continue
-            name = "/".join(entry.path)
-            cached = self.store.attach(entry.url, None, name)
-            if cached is None:
-                log.warning("%s: not shown until its URL answers: %s", name, result)
-                self._spawn(reprobe_until_found, self._source, entry, self.options, self._found)
-            else:
-                log.warning("%s: origin unreachable (%s); serving cached bytes only", name, result)
-                self.tree.add_file(entry.path, cached)
+            self._add_entry(entry, results[entry.url])
         files, _ = self.tree.counts()
         log.info("%d of %d URLs ready", files, len(self.entries))
 
+    def _add_entry(self, entry: ManifestEntry, result: ProbeResult) -> None:
+        """Show *entry* as probed; an unreachable URL is shown from the cache or re-probed."""
+        if isinstance(result, RemoteMeta):
+            self._place(entry, result)
+            return
+        name = "/".join(entry.path)
+        cached = self._reusable(entry.url, name) or self.store.attach(entry.url, None, name)
+        if cached is None:
+            log.warning("%s: not shown until its URL answers: %s", name, result)
+            self._spawn_pending(
+                entry, reprobe_until_found, self._source, entry, self.options, self._found
+            )
+        else:
+            log.warning("%s: origin unreachable (%s); serving cached bytes only", name, result)
+            self.tree.add_file(entry.path, cached)
+
+    def _spawn_pending(
+        self, entry: ManifestEntry, fn: Callable[..., Awaitable[object]], *args: object
+    ) -> None:
+        """Run a task that will place *entry* later; a reload that drops the entry cancels it."""
+        scope = trio.CancelScope()
+        self._pending[entry.path] = scope
+
+        async def run() -> None:
+            with scope:
+                await fn(*args)
+            if self._pending.get(entry.path) is scope:
+                del self._pending[entry.path]
+
+        self._spawn(run)
+
+    def _current(self, entry: ManifestEntry) -> bool:
+        """True while *entry* is in the served manifest and its path is not listed yet."""
+        return self._wanted.get(entry.path) is entry and self.tree.find(entry.path) is None
+
+    def _reusable(self, url: str, name: str) -> CachedFile | None:
+        """The open cache entry of *url* that a reload removed, to list again under *name*.
+
+        A URL that moves to another path, or comes back before its last handle is closed,
+        must keep its one `CachedFile`: a second object on the same entry directory would
+        overwrite the first one's bitmap.
+        """
+        listed = set(self._listed_files())
+        for node in self.tree.unlinked.values():
+            cached = node.cached
+            if cached.remote.url == url and not cached.retired and cached not in listed:
+                cached.name = name
+                return cached
+        return None
+
     def _place(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
         """Show *entry* as the probed version *remote*; a file of unknown size is fetched first."""
+        if not self._current(entry):
+            return  # removed or replaced by a reload meanwhile
         name = "/".join(entry.path)
+        reused = self._reusable(entry.url, name)
+        if reused is not None:
+            self.tree.add_file(entry.path, reused)
+            if not reused.remote.same_version(remote):
+                self._remote_changed(reused, RemoteChangedError("another version at reload"))
+            return
         if remote.size == UNKNOWN_SIZE:
             stored = self.store.known_meta(entry.url)
             if stored is not None and stored.complete and stored.remote().same_version(remote):
@@ -199,7 +301,7 @@ class Daemon:
                     self.tree.add_file(entry.path, cached)
                     return
             log.info("%s: the server sends no length; listed once downloaded", name)
-            self._spawn(self._download_unknown_size, entry, remote)
+            self._spawn_pending(entry, self._download_unknown_size, entry, remote)
             return
         cached = self.store.attach(entry.url, remote, name)
         assert cached is not None
@@ -238,13 +340,136 @@ class Daemon:
             await trio.to_thread.run_sync(os.fsync, fd)
         except (HttpSourceError, OSError) as err:
             log.error("%s: download failed (%s); trying again later", name, err)
-            self._spawn(reprobe_until_found, self._source, entry, self.options, self._found)
+            self._spawn_pending(
+                entry, reprobe_until_found, self._source, entry, self.options, self._found
+            )
             return
         finally:
             os.close(fd)
+        if not self._current(entry):
+            return  # a reload removed it meanwhile; the next download starts afresh
         final = replace(remote, size=size)
         self.tree.add_file(entry.path, self.store.adopt_download(entry.url, final, part, name))
         log.info("%s: downloaded (%d bytes); now listed", name, size)
+
+    # -- reloading urls.txt -------------------------------------------------------------------
+
+    async def reload(self) -> ReloadSummary:
+        """Read urls.txt again and make the namespace match it, without a remount.
+
+        A broken file changes nothing and raises `ManifestError` (file:line). Every URL is
+        probed again (bounded by the pool, like at mount), before anything changes: new and
+        changed paths are placed as at mount, and an unchanged line whose origin now serves
+        another version goes through the remote-change path. Removed files leave the
+        namespace at once; their open handles keep reading until closed.
+        """
+        assert self.urls_file is not None
+        async with self._reload_lock:
+            try:
+                entries = await trio.to_thread.run_sync(load_manifest, self.urls_file)
+            except ManifestError as err:
+                log.error("reload failed, nothing changed: %s", err)
+                raise
+            results = await probe_all(self._source, entries, self.options)
+            # From here to the end of _apply nothing awaits: the namespace changes at once.
+            summary, gone = self._apply(entries, results)
+            log.info("reloaded %s", summary)
+            await trio.to_thread.run_sync(forget_entries, gone)
+            return summary
+
+    def _apply(
+        self, entries: list[ManifestEntry], results: dict[str, ProbeResult]
+    ) -> tuple[ReloadSummary, list[Removed]]:
+        """Change the namespace to *entries* (synchronously); the entries that disappeared."""
+        new = {entry.path: entry for entry in entries}
+        old = self._wanted
+        removed = [path for path in old if path not in new]
+        changed = [path for path in new if path in old and old[path].url != new[path].url]
+        gone: list[Removed] = []
+        for path in removed + changed:
+            scope = self._pending.pop(path, None)
+            if scope is not None:
+                scope.cancel()
+            unlinked = self.tree.unlink_file(path)
+            if unlinked is not None:
+                gone.append(unlinked)
+                log.info("%s: removed from the mount", "/".join(path))
+        # Directories left without files go now, before a new file may take their name;
+        # the directories of new paths stay (a replaced file's directory keeps its inode).
+        gone.extend(self.tree.prune(keep={p[:i] for p in new for i in range(1, len(p))}))
+        # Unchanged lines keep their entry object: their pending tasks stay valid.
+        self._wanted = {
+            path: old[path] if path in old and old[path].url == entry.url else entry
+            for path, entry in new.items()
+        }
+        added = 0
+        updated = 0
+        for path, entry in self._wanted.items():
+            result = results[entry.url]
+            if entry is not old.get(path):
+                added += path not in old
+                self._add_entry(entry, result)
+                continue
+            node = self.tree.find(path)
+            if (
+                isinstance(node, FileNode)
+                and isinstance(result, RemoteMeta)
+                and result.size != UNKNOWN_SIZE
+                and not node.cached.retired
+                and not node.cached.remote.same_version(result)
+            ):
+                updated += 1
+                self._remote_changed(node.cached, RemoteChangedError("changed, seen at reload"))
+        files, _ = self.tree.counts()
+        summary = ReloadSummary(
+            str(self.urls_file), added, len(removed), len(changed), updated, files
+        )
+        return summary, gone
+
+    async def _reap_unlinked_loop(self) -> None:
+        while True:
+            await trio.sleep(REAP_INTERVAL)
+            if self.tree.unlinked:
+                async with self._reload_lock:
+                    await self._reap_unlinked()
+
+    async def _reap_unlinked(self) -> None:
+        """Save and close the cache entries of removed files that nothing uses any more."""
+        assert self._ops is not None and self._fetcher is not None
+        listed = set(self._listed_files())
+        for inode, node in list(self.tree.unlinked.items()):
+            cached = node.cached
+            if cached in listed:  # listed again (moved, or back): only the old inode goes
+                del self.tree.unlinked[inode]
+                continue
+            if (
+                self._ops.open_handles(cached)
+                or self._fetcher.downloading(cached)
+                or cached in self._changing
+            ):
+                continue
+            del self.tree.unlinked[inode]
+            if any(other.cached is cached for other in self.tree.unlinked.values()):
+                continue  # another removed inode still holds it
+            try:
+                await cached.save()
+            except OSError as err:
+                log.warning("%s: could not save its cache state: %s", cached.name, err)
+            cached.close()
+
+    async def _watch_reload_signal(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """SIGHUP: reload urls.txt (errors are logged; the mount goes on as it was)."""
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()
+            async for _ in signals:
+                if self.urls_file is None:
+                    log.warning("got SIGHUP, but this daemon has no URL list file to reload")
+                    continue
+                log.info("got SIGHUP; reloading %s", self.urls_file)
+                with contextlib.suppress(ManifestError):  # logged by reload
+                    await self.reload()
 
     # -- remote changes -----------------------------------------------------------------------
 
@@ -344,3 +569,20 @@ def invalidate_inode(inode: int) -> None:
     except OSError as err:
         if err.errno != errno.ENOENT:  # the kernel had nothing cached for it
             log.warning("could not invalidate inode %d: %s", inode, err)
+
+
+def forget_entries(entries: Sequence[Removed]) -> None:
+    """Make the kernel drop directory entries that a reload removed (runs in a thread).
+
+    `pyfuse3.invalidate_entry` may block until requests on those entries are answered, so it
+    must not run on the trio thread. Entries come deepest first: the kernel refuses to delete
+    a directory entry while it still caches children under it.
+    """
+    for parent, name, inode in entries:
+        try:
+            pyfuse3.invalidate_entry(
+                pyfuse3.InodeT(parent), pyfuse3.FileNameT(os.fsencode(name)), pyfuse3.InodeT(inode)
+            )
+        except OSError as err:
+            if err.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
+                log.warning("could not invalidate %r in directory inode %d: %s", name, parent, err)

@@ -110,7 +110,7 @@ class RemoteFsOperations(pyfuse3.Operations):
     # -- attributes --------------------------------------------------------------------------
 
     def _node(self, inode: int) -> Node:
-        node = self._tree.nodes.get(inode)
+        node = self._tree.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
@@ -177,7 +177,10 @@ class RemoteFsOperations(pyfuse3.Operations):
             children = sorted(node.children.items())
         for index in range(start_id, len(children)):
             name, inode = children[index]
-            attrs = self._attributes(self._tree.nodes[inode])
+            child = self._tree.nodes.get(inode)
+            if child is None:
+                continue  # removed by a reload since this handle's opendir
+            attrs = self._attributes(child)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 break
 

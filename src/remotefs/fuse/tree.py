@@ -1,12 +1,14 @@
 """The namespace of the mount: directories and files built from urls.txt paths.
 
 Inode numbers are assigned once per mount, in manifest order, and never reused, so the kernel's
-entry and attribute caches can keep them for a long time.
+entry and attribute caches can keep them for a long time. A reload of urls.txt unlinks files
+(and prunes directories left empty); an unlinked file keeps its inode in `Tree.unlinked` while
+open handles may still ask for its attributes, like an unlinked file of a local filesystem.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -32,6 +34,9 @@ class FileNode:
 
 Node = DirNode | FileNode
 
+#: A directory entry that disappeared: (parent inode, name, inode), for the kernel's dcache.
+Removed = tuple[int, str, int]
+
 
 class Tree:
     """Maps inodes to nodes and paths to inodes."""
@@ -39,6 +44,9 @@ class Tree:
     def __init__(self) -> None:
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: DirNode(pyfuse3.ROOT_INODE)}
         self._next_inode = pyfuse3.ROOT_INODE + 1
+        #: Files removed from the namespace whose cache entry may still be read through open
+        #: handles; the daemon drops them once nothing uses them.
+        self.unlinked: dict[int, FileNode] = {}
 
     def add_file(self, path: tuple[str, ...], cached: CachedFile) -> FileNode:
         """Add a file, creating its parent directories (the manifest parser checked clashes)."""
@@ -62,6 +70,58 @@ class Tree:
         inode = self._next_inode
         self._next_inode += 1
         return inode
+
+    def get(self, inode: int) -> Node | None:
+        """The node of *inode*, linked or unlinked (an open handle may still stat it)."""
+        return self.nodes.get(inode) or self.unlinked.get(inode)
+
+    def find(self, path: tuple[str, ...]) -> Node | None:
+        """The node at *path* (segments under the root), or None."""
+        node: Node | None = self.nodes[pyfuse3.ROOT_INODE]
+        for name in path:
+            if not isinstance(node, DirNode):
+                return None
+            inode = node.children.get(name)
+            node = None if inode is None else self.nodes[inode]
+        return node
+
+    def unlink_file(self, path: tuple[str, ...]) -> Removed | None:
+        """Take the file at *path* out of the namespace into `unlinked`; None if there is none.
+
+        Parent directories stay, even empty ones: `prune` removes those once every change of
+        a reload is made, so a path whose file is replaced keeps its directories' inodes.
+        """
+        parent = self.find(path[:-1])
+        if not isinstance(parent, DirNode):
+            return None
+        inode = parent.children.get(path[-1])
+        node = None if inode is None else self.nodes[inode]
+        if not isinstance(node, FileNode):
+            return None
+        del parent.children[path[-1]]
+        del self.nodes[node.inode]
+        self.unlinked[node.inode] = node
+        return parent.inode, path[-1], node.inode
+
+    def prune(self, keep: Collection[tuple[str, ...]] = ()) -> list[Removed]:
+        """Remove every directory without files, except the paths in *keep* (files are about
+        to be added there); the removed entries, deepest first."""
+        removed: list[Removed] = []
+
+        def visit(directory: DirNode, path: tuple[str, ...]) -> None:
+            for name, inode in list(directory.children.items()):
+                child = self.nodes[inode]
+                if isinstance(child, DirNode):
+                    visit(child, (*path, name))
+                    if not child.children and (*path, name) not in keep:
+                        del directory.children[name]
+                        del self.nodes[inode]
+                        removed.append((directory.inode, name, inode))
+
+        root = self.nodes[pyfuse3.ROOT_INODE]
+        assert isinstance(root, DirNode)
+        visit(root, ())
+        return removed
 
     def lookup(self, parent: int, name: str) -> Node | None:
         """The child *name* of directory *parent*, or None."""
