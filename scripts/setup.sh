@@ -35,7 +35,7 @@ pick_python() {
 packages=(fuse3 libfuse3-dev pkg-config gcc)
 if [ "$want_tests" = "test" ]; then
     # systemd: systemd-analyze verifies the unit file (not run as init by the tests)
-    packages+=(unzip e2fsprogs util-linux fio curl systemd)
+    packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl)
 fi
 python=$(pick_python || true)
 if [ -z "$python" ]; then
