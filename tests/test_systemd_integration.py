@@ -196,7 +196,7 @@ def _unit_for_this_machine(tmp_path: Path) -> Path:
     wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m remotefs \"$@\"\n")
     wrapper.chmod(0o755)
     text = UNIT.read_text()
-    assert text.count("/usr/local/bin/remotefs ") == 2, "ExecStart and ExecStop should use it"
+    assert text.count("/usr/local/bin/remotefs ") == 3, "ExecStart, ExecReload and ExecStop use it"
     copy = tmp_path / "units" / UNIT.name
     copy.parent.mkdir()
     copy.write_text(text.replace("/usr/local/bin/remotefs ", f"{wrapper} "))
