@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from remotefs.config.options import MountOptions
+
 from .mounting import MountFactory
 from .origin import Origin
 
@@ -83,3 +85,33 @@ def _seeded(size: int, seed: int) -> bytes:
     import random
 
     return random.Random(seed).randbytes(size)
+
+
+def make_options(
+    tmp_path: Path,
+    *,
+    read_deadline: float = 3,
+    stall_timeout: float = 2,
+    connect_timeout: float = 2,
+    min_request: int = 256 * 1024,
+) -> MountOptions:
+    """Options for layer tests: short deadlines so failures end in seconds."""
+    return MountOptions(
+        cache_dir=tmp_path / "cache",
+        read_deadline=read_deadline,
+        probe_timeout=3,
+        stall_timeout=stall_timeout,
+        connect_timeout=connect_timeout,
+        min_request=min_request,
+    )
+
+
+def read_direct(path: Path, offset: int, size: int = 4096) -> bytes:
+    """Read with O_DIRECT, so the read reaches the daemon instead of the page cache."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = bytearray(size)
+        count = os.preadv(fd, [memoryview(buffer)], offset)
+        return bytes(buffer[:count])
+    finally:
+        os.close(fd)

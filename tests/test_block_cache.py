@@ -40,7 +40,7 @@ from remotefs.cache.store import CacheDirError, CacheStore, convert_bitmap
 from remotefs.config.options import MountOptions
 from remotefs.http.source import HttpSource, RemoteMeta
 
-from .conftest import write_random
+from .conftest import make_options, write_random
 from .origin import Exchange, Origin
 
 T = TypeVar("T")
@@ -57,24 +57,6 @@ def remote(size: int = 3 * BS + 100, etag: str | None = '"v1"', url: str = URL) 
         last_modified="Wed, 21 Oct 2015 07:28:00 GMT",
         content_type="application/octet-stream",
         accepts_ranges=True,
-    )
-
-
-def make_options(
-    tmp_path: Path,
-    *,
-    read_deadline: float = 3,
-    stall_timeout: float = 2,
-    connect_timeout: float = 2,
-    min_request: int = 256 * 1024,
-) -> MountOptions:
-    return MountOptions(
-        cache_dir=tmp_path / "cache",
-        read_deadline=read_deadline,
-        probe_timeout=3,
-        stall_timeout=stall_timeout,
-        connect_timeout=connect_timeout,
-        min_request=min_request,
     )
 
 

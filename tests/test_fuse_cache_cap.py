@@ -25,7 +25,7 @@ from typing import Any
 from remotefs.cache.state_files import CorruptStateError, load_bitmap
 from remotefs.control_client import Control
 
-from .conftest import write_random
+from .conftest import read_direct, write_random
 from .mounting import Mount, MountFactory, run_remotefs
 from .origin import Origin
 
@@ -41,17 +41,6 @@ FS_SLACK = (-(-_EXTENTS // 340) + 1) * FS_BLOCK  # extent-tree leaves + one inde
 def status(mount: Mount) -> dict[str, Any]:
     with Control(str(mount.path)) as control:
         return control.request({"cmd": "status"})
-
-
-def read_direct(path: Path, offset: int, size: int) -> bytes:
-    """One read that reaches the daemon as asked (no kernel page cache)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buffer = bytearray(size)
-        count = os.preadv(fd, [memoryview(buffer)], offset)
-        return bytes(buffer[:count])
-    finally:
-        os.close(fd)
 
 
 def saved_bitmap_bytes(cache_dir: Path) -> int:

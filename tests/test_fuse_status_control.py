@@ -26,7 +26,7 @@ import pytest
 
 from remotefs.control_client import Control
 
-from .conftest import write_random
+from .conftest import read_direct, write_random
 from .mounting import REMOTEFS, Mount, MountFactory, force_unmount, run_remotefs
 from .origin import Exchange, Origin, make_etag
 
@@ -101,17 +101,6 @@ def xattr(path: Path, name: str) -> str:
 def no_overlaps(ranges: list[tuple[int, int]]) -> bool:
     ordered = sorted(ranges)
     return all(b[0] >= a[1] for a, b in itertools.pairwise(ordered))
-
-
-def read_direct(path: Path, offset: int, size: int = 4096) -> bytes:
-    """One read that reaches the daemon as it is (no kernel readahead or page cache)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buffer = bytearray(size)
-        count = os.preadv(fd, [memoryview(buffer)], offset)
-        return bytes(buffer[:count])
-    finally:
-        os.close(fd)
 
 
 def data_file(mount: Mount) -> Path:

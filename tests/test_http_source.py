@@ -39,7 +39,7 @@ from remotefs.http.source import (
     parse_retry_after,
 )
 
-from .conftest import write_random
+from .conftest import make_options, write_random
 from .origin import Exchange, Origin, make_etag, parse_byte_range
 
 T = TypeVar("T")
@@ -47,24 +47,6 @@ T = TypeVar("T")
 BLOCK = 64 * 1024
 SIZE = 3 * BLOCK + 1000  # three whole blocks and a short one
 SECRET = "sig=SECRET-TOKEN"
-
-
-def make_options(
-    tmp_path: Path,
-    *,
-    read_deadline: float = 3,
-    stall_timeout: float = 2,
-    connect_timeout: float = 2,
-    min_request: int = 256 * 1024,
-) -> MountOptions:
-    return MountOptions(
-        cache_dir=tmp_path / "cache",
-        read_deadline=read_deadline,
-        probe_timeout=3,
-        stall_timeout=stall_timeout,
-        connect_timeout=connect_timeout,
-        min_request=min_request,
-    )
 
 
 def run_source(options: MountOptions, body: Callable[[HttpSource], Awaitable[T]]) -> T:
