@@ -275,6 +275,10 @@ class BlockFetcher:
             return file.read(offset, end - offset)
         if file.retired:
             raise ReadError(f"{file.name}: the remote file changed; reopen it for the new version")
+        if stream is not None:
+            cluster = stream.note_miss(offset, end, file.size)
+            if cluster is not None:
+                self.prefetch(file, *cluster)
         if not self.cache_full:
             # Safety net: downloads have their own deadline; this bounds a reader even when
             # it waits on a long whole-file stream.

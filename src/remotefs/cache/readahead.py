@@ -6,27 +6,46 @@ delivers its own readahead requests out of order and in parallel, so "where it l
 fuzzy: reads a little behind the furthest point, or a few MiB ahead of it, still count as
 sequential (mountpoint-s3 issue #488 is what happens otherwise).
 
+How far the window may grow depends on what the run looks like. A run from the start of the
+file is a reader of the whole file and doubles freely; a run that began at a seek may be one
+file inside a disk image, so its window never exceeds the run itself; and a handle whose
+misses cluster in one part of its file (see `ReadStream.note_miss`) gets that part fetched
+at once and at most half its run ahead. Together these keep a loop-mounted image's traffic
+near what it reads while a plain stream still reaches full speed within a few round trips.
+
 This module only decides *what* to prefetch; `BlockFetcher.prefetch` does it, through the
 same single-flight registry as every other download, so nothing is fetched twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from ..config.options import MiB
 
-#: Reads this far behind the furthest point seen are reordered kernel requests, not seeks.
-BACKWARD_TOLERANCE = 1 * MiB
+#: Reads that end at most this far behind the furthest point seen are reordered kernel
+#: requests, not seeks (two 1 MiB readahead requests that overtook each other).
+BACKWARD_TOLERANCE = 2 * MiB
 #: Forward skips up to this size keep the stream sequential: the kernel's parallel readahead
 #: requests (up to 1 MiB each) can overtake each other. Larger skips are seeks: a filesystem
 #: image read through a loop device jumps around by a few MiB and must not look like a stream.
 FORWARD_TOLERANCE = 2 * MiB
 
 
-#: A run must be this long before readahead beyond the kernel's own starts: a filesystem
-#: image or a database reads short sequential runs that do not deserve a growing window.
-SEQUENTIAL_THRESHOLD = 4 * MiB
+#: A run must be this long before readahead beyond the kernel's own starts (one kernel
+#: readahead request): shorter runs are single small reads, not streams.
+SEQUENTIAL_THRESHOLD = 1 * MiB
+
+
+#: A handle whose last this-many misses all fall in one small part of its file is working in
+#: that part (a filesystem image's metadata and files, a database's hot pages): the part is
+#: fetched in the background. Five, because uniform random misses over a large file almost
+#: never cluster like that (about 5 in a million per miss for 1/32 of the file).
+CLUSTER_MISSES = 5
+#: The largest part fetched for a cluster, and its largest share of the file.
+CLUSTER_SPAN_MAX = 32 * MiB
+CLUSTER_SPAN_SHARE = 8
 
 
 @dataclass
@@ -41,6 +60,46 @@ class ReadStream:
     window: int = 0
     #: Everything before this offset has been requested already by readahead.
     prefetched_until: int = 0
+    #: ``(offset, end)`` of the latest reads that were not cached, oldest first.
+    misses: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=CLUSTER_MISSES))
+    #: Set once the misses have clustered: this handle works in parts of its file.
+    clustered: bool = False
+    #: True when the latest read started a new run (the first read, or a seek).
+    jumped: bool = True
+    #: One past the last byte of the latest read.
+    last_end: int = -1
+
+    def note_miss(self, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
+        """Account for a read of ``[offset, end)`` that was not cached; maybe return a cluster.
+
+        Called after `advance` for the same read; only reads that started a new run (seeks)
+        count, since a sequential reader's misses are what its readahead is for.
+
+        A loop-mounted filesystem image misses once per directory and file, each at a new
+        place: one round trip each, in series, because the reader waits for every one. When
+        the last `CLUSTER_MISSES` misses lie within a span of at most `CLUSTER_SPAN_MAX` and
+        1/`CLUSTER_SPAN_SHARE` of the file, the reader is working in that span, and the span
+        is returned, widened by one average gap between misses at each end, to be fetched at
+        once, in parallel: later misses there become hits. The
+        bytes are ones such a reader goes on to read (the files next to their directories),
+        so traffic stays close to what it reads. Random readers spread over the file never
+        cluster and keep fetching only what they ask for.
+        """
+        if not self.jumped:
+            return None  # a sequential run's misses are readahead's business
+        self.misses.append((offset, end))
+        if len(self.misses) < CLUSTER_MISSES:
+            return None
+        start = min(first for first, _ in self.misses)
+        stop = max(last for _, last in self.misses)
+        span = stop - start
+        if span > min(CLUSTER_SPAN_MAX, file_size // CLUSTER_SPAN_SHARE):
+            return None
+        # The misses are samples of the part being worked in; its best estimate reaches one
+        # average gap beyond the outermost samples (the estimate of a uniform range's ends).
+        margin = span // (CLUSTER_MISSES - 1)
+        self.clustered = True
+        return max(0, start - margin), min(file_size, stop + margin)
 
     def advance(
         self, offset: int, end: int, *, first_window: int, initial: int, maximum: int
@@ -52,24 +111,39 @@ class ReadStream:
         that, a run of `SEQUENTIAL_THRESHOLD` bytes starts a window of *initial* bytes that
         doubles on every read up to *maximum*; a seek resets it all.
         """
+        self.jumped = self.furthest < 0
+        previous_end, self.last_end = self.last_end, end
         if self.furthest < 0:
             self.furthest, self.run = end, end - offset
             if offset == 0 and first_window:
                 self.prefetched_until = end + first_window
                 return end, end + first_window
             return None
-        if self.furthest - BACKWARD_TOLERANCE <= offset <= self.furthest + FORWARD_TOLERANCE:
+        behind, ahead = self.furthest - BACKWARD_TOLERANCE, self.furthest + FORWARD_TOLERANCE
+        if behind <= end and offset <= ahead:
+            # Before any readahead, a read that does not continue the last one is a jump
+            # too: a filesystem's metadata blocks, close together but in no order.
+            self.jumped = not self.window and offset != previous_end
             self.run += max(0, end - self.furthest)
             self.furthest = max(self.furthest, end)
         else:
             self.furthest, self.run = end, end - offset
             self.window = self.prefetched_until = 0
+            self.jumped = True
             return None
         if self.run < SEQUENTIAL_THRESHOLD:
             return None
-        # Never further ahead than the run has proven: a sequential stretch of a filesystem
-        # image or a short file then over-fetches at most its own length.
-        self.window = min(max(self.window * 2, initial), maximum, max(initial, self.run))
+        self.window = min(max(self.window * 2, initial), maximum)
+        if self.clustered:
+            # A handle working in parts of its file (a filesystem image) reads runs that end
+            # without warning (one file inside the image): never further ahead than half the
+            # run has proven, so a run over-fetches at most half its own length.
+            self.window = min(self.window, max(initial, self.run // 2))
+        elif self.furthest - self.run > 0:
+            # A run that began mid-file, at a seek, may be one piece of something (a file in
+            # an image): never further ahead than it has proven. A run from the file's start
+            # (cp, sha256sum, a player from the beginning) reads the file: full doubling.
+            self.window = min(self.window, max(initial, self.run))
         target = self.furthest + self.window
         start = max(self.furthest, self.prefetched_until)
         # Top the window up only when half of it has been consumed: one scheduling pass per

@@ -1,0 +1,148 @@
+"""The readahead decisions of one handle (`ReadStream`), without a mount or a network.
+
+What these decisions cost and buy on a real link is measured by bench/; here they are pinned
+down exactly: when a window starts and how it grows, and when scattered misses count as a
+reader working in one part of its file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from remotefs.cache.readahead import (
+    CLUSTER_MISSES,
+    CLUSTER_SPAN_MAX,
+    SEQUENTIAL_THRESHOLD,
+    ReadStream,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+INITIAL = 256 * KiB
+MAXIMUM = 64 * MiB
+
+
+def advance(stream: ReadStream, offset: int, size: int) -> tuple[int, int] | None:
+    return stream.advance(offset, offset + size, first_window=MiB, initial=INITIAL, maximum=MAXIMUM)
+
+
+def read_missing(
+    stream: ReadStream, offset: int, size: int, file_size: int
+) -> tuple[int, int] | None:
+    """A read that was not cached: `advance`, then `note_miss`, as the fetcher calls them."""
+    advance(stream, offset, size)
+    return stream.note_miss(offset, offset + size, file_size)
+
+
+def test_a_stream_from_offset_zero_covers_the_kernels_next_readahead_at_once() -> None:
+    stream = ReadStream()
+    assert advance(stream, 0, MiB) == (MiB, 2 * MiB)
+
+
+def test_sequential_window_starts_after_the_threshold_and_doubles_on_every_read() -> None:
+    stream = ReadStream()
+    windows = []
+    for index in range(16):
+        advance(stream, index * MiB, MiB)
+        windows.append(stream.window)
+    threshold_reads = SEQUENTIAL_THRESHOLD // MiB
+    assert windows[: threshold_reads - 1] == [0] * (threshold_reads - 1)
+    grown = [w for w in windows if w]
+    assert grown[0] == INITIAL
+    assert all(b == min(2 * a, MAXIMUM) for a, b in itertools.pairwise(grown))
+    assert grown[-1] == MAXIMUM
+
+
+def test_small_reordering_and_forward_skips_keep_the_stream_but_a_seek_resets_it() -> None:
+    stream = ReadStream()
+    for index in range(8):
+        advance(stream, index * MiB, MiB)
+    window = stream.window
+    advance(stream, 10 * MiB, MiB)  # the kernel's parallel readahead overtook two reads
+    advance(stream, 8 * MiB, MiB)
+    advance(stream, 9 * MiB, MiB)
+    assert stream.window > window
+    assert advance(stream, 500 * MiB, MiB) is None
+    assert stream.window == 0 and stream.jumped
+
+
+def test_misses_clustered_in_a_small_part_of_a_big_file_return_that_part_widened() -> None:
+    stream = ReadStream()
+    offsets = [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]
+    results = [read_missing(stream, offset, 4 * KiB, 256 * MiB) for offset in offsets]
+    assert results[:-1] == [None] * (CLUSTER_MISSES - 1)
+    span = 24 * MiB + 4 * KiB - 8 * MiB
+    margin = span // (CLUSTER_MISSES - 1)
+    assert results[-1] == (8 * MiB - margin, 24 * MiB + 4 * KiB + margin)
+    assert stream.clustered
+
+
+def test_the_widened_part_stays_inside_the_file() -> None:
+    stream = ReadStream()
+    for offset in [0, 12 * MiB, 3 * MiB, 9 * MiB]:  # each a seek from the one before
+        assert read_missing(stream, offset, 4 * KiB, 256 * MiB) is None
+    start, end = read_missing(stream, 6 * MiB, 4 * KiB, 256 * MiB) or (-1, -1)
+    assert start == 0 and end > 12 * MiB
+
+
+def test_misses_spread_over_the_file_never_cluster() -> None:
+    """Uniform random reads (fio's randread) keep fetching only what they ask for."""
+    stream = ReadStream()
+    rng = random.Random(11)
+    size = GiB
+    clusters = [
+        read_missing(stream, rng.randrange(size // 4096) * 4096, 4096, size) for _ in range(5000)
+    ]
+    assert clusters == [None] * len(clusters)
+    assert not stream.clustered
+
+
+def test_a_cluster_wider_than_the_cap_or_share_of_the_file_is_not_one() -> None:
+    wide = ReadStream()
+    for index in range(CLUSTER_MISSES):
+        offset = index * (CLUSTER_SPAN_MAX // (CLUSTER_MISSES - 1) + MiB)
+        assert read_missing(wide, offset, 4096, 100 * GiB) is None
+    small_file = ReadStream()
+    for index in range(CLUSTER_MISSES):
+        assert read_missing(small_file, index * 3 * MiB, 4096, 64 * MiB) is None
+
+
+def test_a_sequential_readers_misses_do_not_count_as_a_cluster() -> None:
+    stream = ReadStream()
+    results = [read_missing(stream, index * 128 * KiB, 128 * KiB, GiB) for index in range(64)]
+    assert results == [None] * 64
+    assert not stream.clustered
+
+
+def test_a_clustered_handle_reads_ahead_at_most_half_of_its_run() -> None:
+    """Runs inside a filesystem image end without warning: over-fetch stays bounded."""
+    stream = ReadStream()
+    for offset in [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]:
+        read_missing(stream, offset, 4 * KiB, 256 * MiB)
+    assert stream.clustered
+    start = 30 * MiB
+    for index in range(64):
+        advance(stream, start + index * 128 * KiB, 128 * KiB)
+        assert stream.window <= max(INITIAL, stream.run // 2)
+    assert stream.window > 0
+
+
+def test_a_run_that_began_at_a_seek_reads_ahead_at_most_its_own_length() -> None:
+    """A file inside a disk image ends without warning; a stream from offset 0 does not."""
+    stream = ReadStream()
+    advance(stream, 0, 4096)
+    advance(stream, 100 * MiB, 128 * KiB)  # a seek: the run starts mid-file
+    for index in range(1, 200):
+        advance(stream, 100 * MiB + index * 128 * KiB, 128 * KiB)
+        assert stream.window <= max(INITIAL, stream.run)
+    assert stream.window > 8 * MiB
+
+
+def test_close_but_out_of_order_misses_before_any_readahead_count_as_jumps() -> None:
+    """A filesystem's metadata blocks: near each other, in no order, one round trip each."""
+    stream = ReadStream()
+    offsets = [134 * MiB + step * 300 * KiB for step in (5, 0, 6, 1, 2)]
+    results = [read_missing(stream, offset, 4 * KiB, GiB) for offset in offsets]
+    assert results[-1] is not None and stream.clustered
