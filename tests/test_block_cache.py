@@ -7,6 +7,7 @@ requested.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -21,13 +22,15 @@ from typing import TypeVar
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyroaring import BitMap
 
 import remotefs.cache.cached_file as cached_file_module
 from remotefs.cache.atomic import atomic_write
 from remotefs.cache.cached_file import BITMAP_NAME, DATA_NAME, META_NAME, CachedFile
 from remotefs.cache.checkpoint import run_checkpointer, save_all
-from remotefs.cache.fetcher import BlockFetcher, ReadError
+from remotefs.cache.fetcher import BlockFetcher, Download, ReadError, _BlockAssembler
 from remotefs.cache.state_files import (
     CacheMeta,
     CorruptStateError,
@@ -961,3 +964,40 @@ def test_fetcher_read_of_changed_file_fails_fast(
     run_fetcher(make_options(tmp_path), origin.url("f.bin"), origin, body)
     assert origin.wait_idle()
     assert [r.status for r in origin.requests] == [200]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=10 * BS + 777), max_size=12),
+    present=st.sets(st.integers(min_value=0, max_value=10)),
+)
+def test_assembler_stores_every_block_exactly_for_any_chunking(
+    tmp_path_factory: pytest.TempPathFactory, cuts: list[int], present: set[int]
+) -> None:
+    """Chunks cut anywhere (mid-block, several blocks, a few bytes) store the same blocks.
+
+    Blocks already present are skipped and left as they were; the bitmap ends up complete.
+    """
+    size = 10 * BS + 777
+    store = open_store(tmp_path_factory.mktemp("asm"))
+    try:
+        cached = attach(store, remote(size))
+        body = os.urandom(size)
+        marker = b"\xee" * BS
+        for block in present:
+            length = cached.block_length(block)
+            cached.write_blocks(block, 1, marker[:length])
+        download = Download(first=0, end=cached.nblocks)
+        assembler = _BlockAssembler(cached, 0, download)
+        bounds = [0, *sorted(set(cuts)), size]
+        for start, end in itertools.pairwise(bounds):
+            assert assembler.feed(body[start:end]) is None
+        assert len(cached.bitmap) == cached.nblocks
+        for block in range(cached.nblocks):
+            offset = block * BS
+            expected = marker[: cached.block_length(block)]
+            if block not in present:
+                expected = body[offset : offset + cached.block_length(block)]
+            assert cached.read(offset, cached.block_length(block)) == expected, block
+    finally:
+        store.close()

@@ -119,9 +119,9 @@ class _BlockAssembler:
         """Store every whole block the stream now holds; keep the rest for the next chunk.
 
         Runs of consecutive missing blocks are written with one `pwrite` each, straight from
-        the received chunk when nothing was left over: a 1 MiB chunk costs one copy into the
-        cache instead of sixteen buffer shifts. Returns an awaitable when the blocks must wait
-        for room under the cache cap.
+        the received chunk: a 1 MiB chunk costs one copy into the cache, plus at most one
+        block's worth where it continues a block begun by the chunk before. Returns an
+        awaitable when the blocks must wait for room under the cache cap.
         """
         self._file.stats.add(len(chunk))
         budget = self._budget
@@ -153,11 +153,49 @@ class _BlockAssembler:
         return need
 
     def _store(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        stored = False
         if self._buffer:
-            self._buffer += chunk
-            data = memoryview(self._buffer)
-        else:
-            data = memoryview(chunk)
+            # Complete the block begun by earlier chunks with the head of this one (a copy of
+            # less than a block), then go on from the chunk itself: appending every chunk to
+            # the leftover would copy the whole body once more.
+            take = min(self._partial_need(len(self._buffer)), len(view))
+            if take:
+                self._buffer += view[:take]
+                view = view[take:]
+            buffered = memoryview(self._buffer)
+            used, stored = self._write_whole_blocks(buffered)
+            rest = bytearray(buffered[used:])
+            buffered.release()
+            if rest:
+                # Still a partial block (the chunk was too short to finish it), or bytes past
+                # the download's end: nothing of *view* can be written before them.
+                rest += view
+                view.release()
+                self._buffer = rest
+                if stored:
+                    self._download.notify()
+                return
+        used, wrote = self._write_whole_blocks(view)
+        self._buffer = bytearray(view[used:])
+        view.release()
+        if stored or wrote:
+            self._download.notify()
+
+    def _partial_need(self, buffered: int) -> int:
+        """Bytes that would complete the last, partial block of *buffered* bytes (0: none)."""
+        file, block, total = self._file, self._block, 0
+        while block < self._download.end and total < buffered:
+            total += file.block_length(block)
+            block += 1
+        return max(0, total - buffered)
+
+    def _write_whole_blocks(self, data: memoryview) -> tuple[int, bool]:
+        """Store the whole blocks at the start of *data*; return (bytes used, any stored).
+
+        Runs of consecutive missing blocks are written with one `pwrite` each, straight from
+        *data*; blocks already present are skipped over.
+        """
         file = self._file
         end = self._download.end
         available = len(data)
@@ -182,11 +220,7 @@ class _BlockAssembler:
                 stored = True
             position += run_bytes
             self._block = block
-        rest = bytearray(data[position:])
-        data.release()
-        self._buffer = rest
-        if stored:
-            self._download.notify()
+        return position, stored
 
 
 RemoteChangedCallback = Callable[[CachedFile, RemoteChangedError], None]

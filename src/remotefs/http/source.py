@@ -43,6 +43,7 @@ import trio
 
 from ..config.options import MountOptions
 from ..redact import redact_url
+from . import receive_buffer
 from .errors import (
     HttpSourceError,
     PermanentError,
@@ -198,6 +199,7 @@ class HttpSource:
     ) -> None:
         """*url_headers* maps a manifest URL to its own request headers (urls.txt lines)."""
         _use_large_socket_reads()
+        receive_buffer.install()
         self._options = options
         self._url_headers = {url: list(h) for url, h in (url_headers or {}).items() if h}
         self._limiter = trio.CapacityLimiter(options.max_connections)
