@@ -146,3 +146,12 @@ def test_close_but_out_of_order_misses_before_any_readahead_count_as_jumps() -> 
     offsets = [134 * MiB + step * 300 * KiB for step in (5, 0, 6, 1, 2)]
     results = [read_missing(stream, offset, 4 * KiB, GiB) for offset in offsets]
     assert results[-1] is not None and stream.clustered
+
+
+def test_a_handles_first_run_doubles_freely_wherever_it_starts() -> None:
+    """One of several readers splitting a file starts mid-file and is still a stream."""
+    stream = ReadStream()
+    start = 300 * MiB
+    for index in range(12):
+        advance(stream, start + index * MiB, MiB)
+    assert stream.window == MAXIMUM > stream.run

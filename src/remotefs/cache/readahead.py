@@ -6,12 +6,13 @@ delivers its own readahead requests out of order and in parallel, so "where it l
 fuzzy: reads a little behind the furthest point, or a few MiB ahead of it, still count as
 sequential (mountpoint-s3 issue #488 is what happens otherwise).
 
-How far the window may grow depends on what the run looks like. A run from the start of the
-file is a reader of the whole file and doubles freely; a run that began at a seek may be one
-file inside a disk image, so its window never exceeds the run itself; and a handle whose
-misses cluster in one part of its file (see `ReadStream.note_miss`) gets that part fetched
-at once and at most half its run ahead. Together these keep a loop-mounted image's traffic
-near what it reads while a plain stream still reaches full speed within a few round trips.
+How far the window may grow depends on what the run looks like. A handle's first run (from
+the start of the file, or one of several readers splitting a file) reads the file and
+doubles freely. A run that began at a seek may be one file inside a disk image, so its
+window never exceeds the run itself. A handle whose misses cluster in one part of its file
+(see `ReadStream.note_miss`) gets that part fetched at once, and reads at most half its run
+ahead. Together these keep a loop-mounted image's traffic near what it reads, while a plain
+stream still reaches full speed within a few round trips.
 
 This module only decides *what* to prefetch; `BlockFetcher.prefetch` does it, through the
 same single-flight registry as every other download, so nothing is fetched twice.
@@ -68,6 +69,8 @@ class ReadStream:
     jumped: bool = True
     #: One past the last byte of the latest read.
     last_end: int = -1
+    #: True once the handle has seeked: its current run is not its first.
+    seeked: bool = False
 
     def note_miss(self, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
         """Account for a read of ``[offset, end)`` that was not cached; maybe return a cluster.
@@ -129,7 +132,7 @@ class ReadStream:
         else:
             self.furthest, self.run = end, end - offset
             self.window = self.prefetched_until = 0
-            self.jumped = True
+            self.jumped = self.seeked = True
             return None
         if self.run < SEQUENTIAL_THRESHOLD:
             return None
@@ -139,10 +142,11 @@ class ReadStream:
             # without warning (one file inside the image): never further ahead than half the
             # run has proven, so a run over-fetches at most half its own length.
             self.window = min(self.window, max(initial, self.run // 2))
-        elif self.furthest - self.run > 0:
-            # A run that began mid-file, at a seek, may be one piece of something (a file in
-            # an image): never further ahead than it has proven. A run from the file's start
-            # (cp, sha256sum, a player from the beginning) reads the file: full doubling.
+        elif self.seeked:
+            # A run that began at a seek may be one piece of something (a file in an image):
+            # never further ahead than it has proven. A handle's first run (cp, sha256sum, a
+            # player from the beginning, one of several readers splitting a file) reads the
+            # file: full doubling.
             self.window = min(self.window, max(initial, self.run))
         target = self.furthest + self.window
         start = max(self.furthest, self.prefetched_until)
