@@ -12,6 +12,7 @@ import random
 
 from remotefs.cache.readahead import (
     CLUSTER_MISSES,
+    CLUSTER_MISSES_AGAIN,
     CLUSTER_SPAN_MAX,
     SEQUENTIAL_THRESHOLD,
     ReadStream,
@@ -155,3 +156,17 @@ def test_a_handles_first_run_doubles_freely_wherever_it_starts() -> None:
     for index in range(12):
         advance(stream, start + index * MiB, MiB)
     assert stream.window == MAXIMUM > stream.run
+
+
+def test_after_a_first_cluster_fewer_misses_show_the_next_part() -> None:
+    """An image's reader moves on to another block group: it need not pay five misses again."""
+    stream = ReadStream()
+    for offset in [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]:
+        read_missing(stream, offset, 4 * KiB, GiB)
+    assert stream.clustered
+    offsets = [400 * MiB, 396 * MiB, 403 * MiB]
+    results = [read_missing(stream, offset, 4 * KiB, GiB) for offset in offsets]
+    assert results[: CLUSTER_MISSES_AGAIN - 1] == [None] * (CLUSTER_MISSES_AGAIN - 1)
+    start, end = results[-1] or (-1, -1)
+    assert start < 396 * MiB and end > 403 * MiB + 4 * KiB
+    assert end - start <= 2 * (403 * MiB + 4 * KiB - 396 * MiB)

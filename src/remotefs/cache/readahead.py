@@ -44,6 +44,9 @@ SEQUENTIAL_THRESHOLD = 1 * MiB
 #: fetched in the background. Five, because uniform random misses over a large file almost
 #: never cluster like that (about 5 in a million per miss for 1/32 of the file).
 CLUSTER_MISSES = 5
+#: A handle that has clustered once works in parts of its file (a filesystem image moving
+#: on to another block group): fewer misses are enough to show its next part.
+CLUSTER_MISSES_AGAIN = 3
 #: The largest part fetched for a cluster, and its largest share of the file.
 CLUSTER_SPAN_MAX = 32 * MiB
 CLUSTER_SPAN_SHARE = 8
@@ -80,21 +83,24 @@ class ReadStream:
 
         A loop-mounted filesystem image misses once per directory and file, each at a new
         place: one round trip each, in series, because the reader waits for every one. When
-        the last `CLUSTER_MISSES` misses lie within a span of at most `CLUSTER_SPAN_MAX` and
-        1/`CLUSTER_SPAN_SHARE` of the file, the reader is working in that span, and the span
-        is returned, widened by one average gap between misses at each end, to be fetched at
-        once, in parallel: later misses there become hits. The
-        bytes are ones such a reader goes on to read (the files next to their directories),
-        so traffic stays close to what it reads. Random readers spread over the file never
-        cluster and keep fetching only what they ask for.
+        the last `CLUSTER_MISSES` misses (`CLUSTER_MISSES_AGAIN` once the handle has
+        clustered) lie within a span of at most `CLUSTER_SPAN_MAX` and 1/`CLUSTER_SPAN_SHARE`
+        of the file, the reader is working in that span. The span is returned, widened by a
+        quarter of it at each end (one average gap between five misses), to be fetched at
+        once, in parallel: later misses there become hits. The bytes are ones such a reader
+        goes on to read (the files next to their directories), so traffic stays close to
+        what it reads. Random readers spread over the file never cluster and keep fetching
+        only what they ask for.
         """
         if not self.jumped:
             return None  # a sequential run's misses are readahead's business
         self.misses.append((offset, end))
-        if len(self.misses) < CLUSTER_MISSES:
+        needed = CLUSTER_MISSES_AGAIN if self.clustered else CLUSTER_MISSES
+        if len(self.misses) < needed:
             return None
-        start = min(first for first, _ in self.misses)
-        stop = max(last for _, last in self.misses)
+        recent = list(self.misses)[-needed:]
+        start = min(first for first, _ in recent)
+        stop = max(last for _, last in recent)
         span = stop - start
         if span > min(CLUSTER_SPAN_MAX, file_size // CLUSTER_SPAN_SHARE):
             return None
