@@ -14,6 +14,7 @@ from remotefs.cache.readahead import (
     CLUSTER_MISSES,
     CLUSTER_MISSES_AGAIN,
     CLUSTER_SPAN_MAX,
+    CLUSTERED_WINDOW_MAX,
     SEQUENTIAL_THRESHOLD,
     ReadStream,
 )
@@ -117,17 +118,17 @@ def test_a_sequential_readers_misses_do_not_count_as_a_cluster() -> None:
     assert not stream.clustered
 
 
-def test_a_clustered_handle_reads_ahead_at_most_half_of_its_run() -> None:
+def test_a_clustered_handle_reads_ahead_at_most_its_run_and_a_bounded_window() -> None:
     """Runs inside a filesystem image end without warning: over-fetch stays bounded."""
     stream = ReadStream()
     for offset in [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]:
         read_missing(stream, offset, 4 * KiB, 256 * MiB)
     assert stream.clustered
     start = 30 * MiB
-    for index in range(64):
+    for index in range(400):
         advance(stream, start + index * 128 * KiB, 128 * KiB)
-        assert stream.window <= max(INITIAL, stream.run // 2)
-    assert stream.window > 0
+        assert stream.window <= min(max(INITIAL, stream.run), CLUSTERED_WINDOW_MAX)
+    assert stream.window == CLUSTERED_WINDOW_MAX
 
 
 def test_a_run_that_began_at_a_seek_reads_ahead_at_most_its_own_length() -> None:

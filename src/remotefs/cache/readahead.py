@@ -10,9 +10,9 @@ How far the window may grow depends on what the run looks like. A handle's first
 the start of the file, or one of several readers splitting a file) reads the file and
 doubles freely. A run that began at a seek may be one file inside a disk image, so its
 window never exceeds the run itself. A handle whose misses cluster in one part of its file
-(see `ReadStream.note_miss`) gets that part fetched at once, and reads at most half its run
-ahead. Together these keep a loop-mounted image's traffic near what it reads, while a plain
-stream still reaches full speed within a few round trips.
+(see `ReadStream.note_miss`) gets that part fetched at once, and reads ahead at most its
+run and `CLUSTERED_WINDOW_MAX`. Together these keep a loop-mounted image's traffic near
+what it reads, while a plain stream still reaches full speed within a few round trips.
 
 This module only decides *what* to prefetch; `BlockFetcher.prefetch` does it, through the
 same single-flight registry as every other download, so nothing is fetched twice.
@@ -47,6 +47,8 @@ CLUSTER_MISSES = 5
 #: A handle that has clustered once works in parts of its file (a filesystem image moving
 #: on to another block group): fewer misses are enough to show its next part.
 CLUSTER_MISSES_AGAIN = 3
+#: The largest readahead window of a handle whose misses have clustered.
+CLUSTERED_WINDOW_MAX = 8 * MiB
 #: The largest part fetched for a cluster, and its largest share of the file.
 CLUSTER_SPAN_MAX = 32 * MiB
 CLUSTER_SPAN_SHARE = 8
@@ -145,9 +147,9 @@ class ReadStream:
         self.window = min(max(self.window * 2, initial), maximum)
         if self.clustered:
             # A handle working in parts of its file (a filesystem image) reads runs that end
-            # without warning (one file inside the image): never further ahead than half the
-            # run has proven, so a run over-fetches at most half its own length.
-            self.window = min(self.window, max(initial, self.run // 2))
+            # without warning (files inside the image): never further ahead than the run has
+            # proven, nor than `CLUSTERED_WINDOW_MAX`, which bounds what an ending run wastes.
+            self.window = min(self.window, max(initial, self.run), CLUSTERED_WINDOW_MAX)
         elif self.seeked:
             # A run that began at a seek may be one piece of something (a file in an image):
             # never further ahead than it has proven. A handle's first run (cp, sha256sum, a
