@@ -58,6 +58,16 @@ def _wait_for(path: Path, timeout: float = 60) -> None:
     raise RuntimeError(f"{path} did not appear within {timeout}s")
 
 
+def _cache_and_mountpoint(work: Path, system: str, *, fresh: bool) -> tuple[Path, Path]:
+    """*system*'s cache folder (emptied when *fresh*) and its mount point, under *work*."""
+    cache = work / f"cache-{system}"
+    if fresh:
+        shutil.rmtree(cache, ignore_errors=True)
+    mountpoint = work / f"mnt-{system}"
+    mountpoint.mkdir(exist_ok=True)
+    return cache, mountpoint
+
+
 class Remotefs:
     name = "remotefs"
     persistent = True
@@ -69,11 +79,7 @@ class Remotefs:
 
     @contextlib.contextmanager
     def mounted(self, names: list[str], *, fresh: bool) -> Iterator[MountedFiles]:
-        cache = self.work / "cache-remotefs"
-        if fresh:
-            shutil.rmtree(cache, ignore_errors=True)
-        mountpoint = self.work / "mnt-remotefs"
-        mountpoint.mkdir(exist_ok=True)
+        cache, mountpoint = _cache_and_mountpoint(self.work, self.name, fresh=fresh)
         urls = self.work / "urls-remotefs.txt"
         urls.write_text("".join(f"{self.origin.url(name)}\n" for name in names))
         command = [sys.executable, "-m", "remotefs"]
@@ -135,11 +141,7 @@ class Rclone:
 
     @contextlib.contextmanager
     def mounted(self, names: list[str], *, fresh: bool) -> Iterator[MountedFiles]:
-        cache = self.work / "cache-rclone"
-        if fresh:
-            shutil.rmtree(cache, ignore_errors=True)
-        mountpoint = self.work / "mnt-rclone"
-        mountpoint.mkdir(exist_ok=True)
+        cache, mountpoint = _cache_and_mountpoint(self.work, self.name, fresh=fresh)
         subprocess.run(
             [
                 "rclone",
@@ -175,12 +177,8 @@ class Httpdirfs:
 
     @contextlib.contextmanager
     def mounted(self, names: list[str], *, fresh: bool) -> Iterator[MountedFiles]:
-        cache = self.work / "cache-httpdirfs"
-        if fresh:
-            shutil.rmtree(cache, ignore_errors=True)
+        cache, mountpoint = _cache_and_mountpoint(self.work, self.name, fresh=fresh)
         cache.mkdir(exist_ok=True)
-        mountpoint = self.work / "mnt-httpdirfs"
-        mountpoint.mkdir(exist_ok=True)
         subprocess.run(
             [
                 "httpdirfs",

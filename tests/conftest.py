@@ -55,12 +55,8 @@ def origin_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def origin(origin_root: Path) -> Iterator[Origin]:
     """A running origin serving *origin_root*; stopped at the end of the test."""
-    server = Origin(origin_root)
-    server.start()
-    try:
+    with Origin(origin_root) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

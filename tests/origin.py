@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "CHUNK_SIZE",
@@ -462,7 +462,7 @@ class Origin:
             server.close_connections()
             server.join_threads(_JOIN_TIMEOUT)
 
-    def __enter__(self) -> Origin:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

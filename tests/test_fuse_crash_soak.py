@@ -85,12 +85,8 @@ def sha256_file(path: Path) -> str:
 
 @pytest.fixture
 def slow_origin(origin_root: Path) -> Iterator[SlowOrigin]:
-    server = SlowOrigin(origin_root)
-    server.start()
-    try:
+    with SlowOrigin(origin_root) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_kill_9_twenty_times_during_heavy_reads_never_serves_a_wrong_byte(

@@ -61,12 +61,8 @@ SLACK = STALL_TIMEOUT + 1.5
 @pytest.fixture
 def faulty(origin_root: Path) -> Iterator[FaultyOrigin]:
     """A fault-injecting origin serving *origin_root*; no faults until the test plans them."""
-    server = FaultyOrigin(origin_root)
-    server.start()
-    try:
+    with FaultyOrigin(origin_root) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def read_range(path: Path, offset: int, size: int) -> bytes:

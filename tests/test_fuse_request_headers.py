@@ -35,12 +35,8 @@ class BearerOrigin(Origin):
 
 @pytest.fixture
 def bearer_origin(origin_root: Path) -> Iterator[BearerOrigin]:
-    server = BearerOrigin(origin_root)
-    server.start()
-    try:
+    with BearerOrigin(origin_root) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _mount(

@@ -59,12 +59,8 @@ class SlowOrigin(Origin):
 
 @pytest.fixture
 def slow_origin(origin_root: Path) -> Iterator[SlowOrigin]:
-    server = SlowOrigin(origin_root)
-    server.start()
-    try:
+    with SlowOrigin(origin_root) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def status(mount: Mount, *paths: str) -> dict[str, Any]:

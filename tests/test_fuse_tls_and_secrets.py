@@ -135,12 +135,8 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def tls_origin(origin_root: Path, certificate: tuple[Path, Path]) -> Iterator[TlsOrigin]:
-    server = TlsOrigin(origin_root, *certificate)
-    server.start()
-    try:
+    with TlsOrigin(origin_root, *certificate) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_https_origin_with_self_signed_certificate(
@@ -213,12 +209,8 @@ class RefusingOrigin(Origin):
 
 @pytest.fixture
 def refusing_origin(origin_root: Path) -> Iterator[RefusingOrigin]:
-    server = RefusingOrigin(origin_root)
-    server.start()
-    try:
+    with RefusingOrigin(origin_root) as server:
         yield server
-    finally:
-        server.stop()
 
 
 SIG = "SECRETSIG"
