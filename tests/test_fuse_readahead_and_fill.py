@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import write_random
 from .mounting import MountFactory
 from .origin import Origin
@@ -133,11 +135,23 @@ def test_a_reader_working_in_one_part_of_a_file_gets_that_part_at_once(
         os.close(fd)
 
 
+@pytest.mark.parametrize(
+    ("size", "tail"),
+    [
+        (20 * MiB + 7, MiB),  # the configured 1 MiB
+        (192 * MiB + 7, 192 * MiB // 128),  # 1/128 of a big file (its index grows with it)
+        (1024 * MiB, 2 * MiB),  # at most twice the configured size
+    ],
+)
 def test_open_prefetches_tail_and_head_as_one_request_each(
-    origin: Origin, origin_root: Path, remotefs: MountFactory
+    origin: Origin, origin_root: Path, remotefs: MountFactory, size: int, tail: int
 ) -> None:
-    size = 20 * MiB + 7
-    write_random(origin_root / "hint.bin", size)
+    path = origin_root / "hint.bin"
+    if size < 64 * MiB:
+        write_random(path, size)
+    else:
+        with path.open("wb") as sparse:  # only the requested ranges matter here
+            sparse.truncate(size)
     mount = remotefs.mount([origin.url("hint.bin")])
     origin.wait_idle()
     origin.reset_counters()
@@ -148,7 +162,7 @@ def test_open_prefetches_tail_and_head_as_one_request_each(
     origin.wait_idle()
     ranges = sorted(origin.served_ranges("/hint.bin"))
     assert ranges[0] == (0, 64 * KiB)
-    tail_start = (size - MiB) // (64 * KiB) * (64 * KiB)  # rounded down to a block
+    tail_start = (size - tail) // (64 * KiB) * (64 * KiB)  # rounded down to a block
     assert ranges[-1] == (tail_start, size)
     assert len(ranges) == 2
 

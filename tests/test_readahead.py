@@ -17,6 +17,7 @@ from remotefs.cache.readahead import (
     CLUSTERED_WINDOW_MAX,
     SEQUENTIAL_THRESHOLD,
     ReadStream,
+    tail_hint,
 )
 
 KiB = 1024
@@ -45,11 +46,12 @@ def test_a_stream_from_offset_zero_covers_the_kernels_next_readahead_at_once() -
 
 def test_sequential_window_starts_after_the_threshold_and_doubles_on_every_read() -> None:
     stream = ReadStream()
+    read = 128 * KiB  # cat's reads
     windows = []
-    for index in range(16):
-        advance(stream, index * MiB, MiB)
+    for index in range(128):
+        advance(stream, index * read, read)
         windows.append(stream.window)
-    threshold_reads = SEQUENTIAL_THRESHOLD // MiB
+    threshold_reads = SEQUENTIAL_THRESHOLD // read
     assert windows[: threshold_reads - 1] == [0] * (threshold_reads - 1)
     grown = [w for w in windows if w]
     assert grown[0] == INITIAL
@@ -57,16 +59,59 @@ def test_sequential_window_starts_after_the_threshold_and_doubles_on_every_read(
     assert grown[-1] == MAXIMUM
 
 
+def test_a_window_starts_at_one_read_when_reads_are_larger_than_the_minimum_request() -> None:
+    """The kernel's readahead reads 1 MiB at a time: a 256 KiB window would not reach the next."""
+    stream = ReadStream()
+    advance(stream, 0, 4096)
+    offset = 100 * MiB  # a seek, so the first-read window does not apply
+    windows = []
+    for index in range(6):
+        advance(stream, offset + index * MiB, MiB)
+        windows.append(stream.window)
+    grown = [w for w in windows if w]
+    assert grown[:3] == [MiB, 2 * MiB, 4 * MiB]
+
+
 def test_small_reordering_and_forward_skips_keep_the_stream_but_a_seek_resets_it() -> None:
     stream = ReadStream()
-    for index in range(8):
-        advance(stream, index * MiB, MiB)
+    read = 128 * KiB
+    for index in range(10):
+        advance(stream, index * read, read)
     window = stream.window
-    advance(stream, 10 * MiB, MiB)  # the kernel's parallel readahead overtook two reads
-    advance(stream, 8 * MiB, MiB)
-    advance(stream, 9 * MiB, MiB)
+    advance(stream, 10 * read + 2 * read, read)  # the kernel's parallel readahead overtook two
+    advance(stream, 10 * read, read)
+    advance(stream, 11 * read, read)
     assert stream.window > window
     assert advance(stream, 500 * MiB, MiB) is None
+    assert stream.window == 0 and stream.jumped
+
+
+def test_a_stream_interrupted_by_reads_elsewhere_resumes_with_its_window() -> None:
+    """An image's file read in order, with an inode table read in between (twice)."""
+    stream = ReadStream()
+    advance(stream, 0, 4096)
+    start = 100 * MiB
+    for index in range(8):
+        advance(stream, start + index * MiB, MiB)
+    window, position, requested = stream.window, start + 8 * MiB, stream.prefetched_until
+    assert window >= 8 * MiB
+    assert advance(stream, 40 * MiB, 4096) is None  # elsewhere: a seek, the window is parked
+    assert stream.window == 0 and stream.jumped
+    advance(stream, 60 * MiB, 4096)  # and elsewhere again
+    advance(stream, position, MiB)  # back where the stream stopped
+    assert not stream.jumped
+    assert stream.run == 9 * MiB  # the run goes on (a run after a seek: capped at its length)
+    assert stream.window == min(2 * window, stream.run)
+    assert stream.prefetched_until >= requested  # what it had requested is not asked again
+
+
+def test_a_parked_stream_does_not_resume_for_reads_far_from_it() -> None:
+    stream = ReadStream()
+    advance(stream, 0, 4096)
+    for index in range(8):
+        advance(stream, 100 * MiB + index * MiB, MiB)
+    advance(stream, 40 * MiB, 4096)
+    assert advance(stream, 300 * MiB, MiB) is None
     assert stream.window == 0 and stream.jumped
 
 
@@ -171,3 +216,33 @@ def test_after_a_first_cluster_fewer_misses_show_the_next_part() -> None:
     start, end = results[-1] or (-1, -1)
     assert start < 396 * MiB and end > 403 * MiB + 4 * KiB
     assert end - start <= 2 * (403 * MiB + 4 * KiB - 396 * MiB)
+
+
+def test_the_tail_hint_grows_with_the_file_up_to_twice_its_setting() -> None:
+    assert tail_hint(MiB, 20 * MiB) == MiB
+    assert tail_hint(MiB, 200 * MiB) == 200 * MiB // 128
+    assert tail_hint(MiB, 100 * GiB) == 2 * MiB
+    assert tail_hint(MiB, 100 * KiB) == 100 * KiB  # never more than the file
+    assert tail_hint(0, 100 * GiB) == 0  # off stays off
+
+
+def test_small_reads_far_apart_are_not_a_stream() -> None:
+    """A mount reading bitmaps 512 KiB apart: each read is a jump, and counts as a miss."""
+    stream = ReadStream()
+    advance(stream, 0, 4096)
+    for index in range(1, 40):
+        advance(stream, index * 512 * KiB, 4096)
+        assert stream.window == 0 and stream.jumped
+
+
+def test_four_misses_in_a_few_mib_are_a_cluster_already() -> None:
+    """An ext4 mount reads its first block group's bitmaps and inode table, one trip each."""
+    stream = ReadStream()
+    offsets = [512 * KiB, MiB, 2 * MiB, 4 * MiB]
+    results = [read_missing(stream, offset, 4 * KiB, GiB) for offset in offsets]
+    assert results[:3] == [None] * 3
+    span = 4 * MiB + 4 * KiB - 512 * KiB
+    assert results[3] == (0, 4 * MiB + 4 * KiB + span // 3)  # widened, down to offset 0
+    spread = ReadStream()
+    for offset in [0, 3 * MiB, 6 * MiB, 9 * MiB]:  # four, but over more than 8 MiB
+        assert read_missing(spread, offset, 4 * KiB, GiB) is None

@@ -21,7 +21,7 @@ same single-flight registry as every other download, so nothing is fetched twice
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..config.options import MiB
 
@@ -44,6 +44,12 @@ SEQUENTIAL_THRESHOLD = 1 * MiB
 #: fetched in the background. Five, because uniform random misses over a large file almost
 #: never cluster like that (about 5 in a million per miss for 1/32 of the file).
 CLUSTER_MISSES = 5
+#: Fewer misses in a smaller part are as telling: four within 8 MiB and 1/64 of the file
+#: (uniform random misses: about 2 in a million per miss for 1/128). A filesystem's mount
+#: reads its first block group's bitmaps and inode table like that, one round trip each.
+TIGHT_CLUSTER_MISSES = 4
+TIGHT_CLUSTER_SPAN_MAX = 8 * MiB
+TIGHT_CLUSTER_SPAN_SHARE = 64
 #: A handle that has clustered once works in parts of its file (a filesystem image moving
 #: on to another block group): fewer misses are enough to show its next part.
 CLUSTER_MISSES_AGAIN = 3
@@ -52,20 +58,64 @@ CLUSTERED_WINDOW_MAX = 8 * MiB
 #: The largest part fetched for a cluster, and its largest share of the file.
 CLUSTER_SPAN_MAX = 32 * MiB
 CLUSTER_SPAN_SHARE = 8
+#: An index at a file's end grows with the file (a zip's central directory has one entry per
+#: member): the open-time tail hint grows to this share of the file, up to twice its
+#: configured size, so that a big archive's index still arrives in one round trip.
+TAIL_HINT_SHARE = 128
+
+
+def tail_hint(configured: int, file_size: int) -> int:
+    """Bytes at the end of a *file_size* file to fetch on open (`--prefetch-tail` *configured*).
+
+    The configured size, or 1/`TAIL_HINT_SHARE` of the file if that is larger, but never
+    more than twice the configured size: a 200 MB zip with 20,000 members keeps a 1.2 MiB
+    central directory, and `unzip -l` would otherwise wait a second round trip for it.
+    ``0`` stays off.
+    """
+    return min(max(configured, file_size // TAIL_HINT_SHARE), 2 * configured, file_size)
 
 
 @dataclass
-class ReadStream:
-    """Readahead state of one open handle; see `advance`."""
+class _Run:
+    """Where one sequential run of a handle stands; parked while the handle reads elsewhere."""
 
     #: One past the furthest byte read so far; -1 before the first read.
     furthest: int = -1
-    #: Bytes read in the current sequential run.
+    #: Bytes the current sequential run spans (reordered and skipped bytes included).
     run: int = 0
+    #: Bytes actually read in the current run. A stream reads at least half of what it
+    #: spans; small reads a few hundred KiB apart span a run without being one.
+    read_bytes: int = 0
     #: Current readahead window in bytes; 0 for a reader not (yet) seen as sequential.
     window: int = 0
     #: Everything before this offset has been requested already by readahead.
     prefetched_until: int = 0
+    #: True once the handle has seeked: its current run is not its first.
+    seeked: bool = False
+
+    def takes(self, offset: int, end: int) -> bool:
+        """True when a read of ``[offset, end)`` continues this run (within the tolerances)."""
+        return (
+            self.furthest - BACKWARD_TOLERANCE <= end
+            and offset <= self.furthest + FORWARD_TOLERANCE
+        )
+
+
+_RUN_FIELDS = tuple(f.name for f in fields(_Run))
+
+
+@dataclass
+class ReadStream(_Run):
+    """Readahead state of one open handle; see `advance`.
+
+    Besides its current run, a handle remembers one earlier run that had a window (it is
+    *parked*). A loop-mounted image reading a big file's blocks in order also reads an inode
+    table or a directory block now and then, somewhere else; when its reads come back to
+    where the parked run stopped, that run goes on with the window it had, instead of
+    starting again from nothing (the kernel's readahead does the same for interleaved
+    streams of one file).
+    """
+
     #: ``(offset, end)`` of the latest reads that were not cached, oldest first.
     misses: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=CLUSTER_MISSES))
     #: Set once the misses have clustered: this handle works in parts of its file.
@@ -74,8 +124,8 @@ class ReadStream:
     jumped: bool = True
     #: One past the last byte of the latest read.
     last_end: int = -1
-    #: True once the handle has seeked: its current run is not its first.
-    seeked: bool = False
+    #: An earlier run with a window, interrupted by a seek; resumed when reads return to it.
+    parked: _Run | None = None
 
     def note_miss(self, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
         """Account for a read of ``[offset, end)`` that was not cached; maybe return a cluster.
@@ -85,32 +135,42 @@ class ReadStream:
 
         A loop-mounted filesystem image misses once per directory and file, each at a new
         place: one round trip each, in series, because the reader waits for every one. When
-        the last `CLUSTER_MISSES` misses (`CLUSTER_MISSES_AGAIN` once the handle has
-        clustered) lie within a span of at most `CLUSTER_SPAN_MAX` and 1/`CLUSTER_SPAN_SHARE`
-        of the file, the reader is working in that span. The span is returned, widened by a
-        quarter of it at each end (one average gap between five misses), to be fetched at
-        once, in parallel: later misses there become hits. The bytes are ones such a reader
-        goes on to read (the files next to their directories), so traffic stays close to
-        what it reads. Random readers spread over the file never cluster and keep fetching
-        only what they ask for.
+        the last `CLUSTER_MISSES` misses lie within a span of at most `CLUSTER_SPAN_MAX` and
+        1/`CLUSTER_SPAN_SHARE` of the file, or the last `TIGHT_CLUSTER_MISSES` within the
+        tighter bounds, or (once the handle has clustered) the last `CLUSTER_MISSES_AGAIN`
+        within the first bounds, the reader is working in that span. The span is returned,
+        widened by one average gap between its misses at each end, to be fetched at once,
+        in parallel: later misses there become hits. The bytes are ones such a reader goes
+        on to read (the files next to their directories), so traffic stays close to what
+        it reads. Random readers spread over the file never cluster and keep fetching only
+        what they ask for.
         """
         if not self.jumped:
             return None  # a sequential run's misses are readahead's business
         self.misses.append((offset, end))
-        needed = CLUSTER_MISSES_AGAIN if self.clustered else CLUSTER_MISSES
-        if len(self.misses) < needed:
-            return None
-        recent = list(self.misses)[-needed:]
-        start = min(first for first, _ in recent)
-        stop = max(last for _, last in recent)
-        span = stop - start
-        if span > min(CLUSTER_SPAN_MAX, file_size // CLUSTER_SPAN_SHARE):
-            return None
-        # The misses are samples of the part being worked in; its best estimate reaches one
-        # average gap beyond the outermost samples (the estimate of a uniform range's ends).
-        margin = span // (CLUSTER_MISSES - 1)
-        self.clustered = True
-        return max(0, start - margin), min(file_size, stop + margin)
+        if self.clustered:
+            rules = [(CLUSTER_MISSES_AGAIN, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE)]
+        else:
+            rules = [
+                (CLUSTER_MISSES, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE),
+                (TIGHT_CLUSTER_MISSES, TIGHT_CLUSTER_SPAN_MAX, TIGHT_CLUSTER_SPAN_SHARE),
+            ]
+        for needed, span_max, share in rules:
+            if len(self.misses) < needed:
+                continue
+            recent = list(self.misses)[-needed:]
+            start = min(first for first, _ in recent)
+            stop = max(last for _, last in recent)
+            span = stop - start
+            if span > min(span_max, file_size // share):
+                continue
+            # The misses are samples of the part being worked in; its best estimate reaches
+            # one average gap beyond the outermost samples (the estimate of a uniform
+            # range's ends).
+            margin = span // (needed - 1)
+            self.clustered = True
+            return max(0, start - margin), min(file_size, stop + margin)
+        return None
 
     def advance(
         self, offset: int, end: int, *, first_window: int, initial: int, maximum: int
@@ -119,32 +179,41 @@ class ReadStream:
 
         A first read at offset 0 prefetches *first_window* beyond itself: the kernel's own
         readahead follows such a read at once and should not cost a second round trip. After
-        that, a run of `SEQUENTIAL_THRESHOLD` bytes starts a window of *initial* bytes that
-        doubles on every read up to *maximum*; a seek resets it all.
+        that, a run that has read `SEQUENTIAL_THRESHOLD` bytes, at least half of what it
+        spans, starts a window of *initial* bytes (or of one read, if reads are larger: a
+        smaller window would not reach past the next read) that doubles on every read up to
+        *maximum*. A seek resets it all, unless the read resumes the parked run.
         """
         self.jumped = self.furthest < 0
         previous_end, self.last_end = self.last_end, end
         if self.furthest < 0:
-            self.furthest, self.run = end, end - offset
+            self.furthest = end
+            self.run = self.read_bytes = end - offset
             if offset == 0 and first_window:
                 self.prefetched_until = end + first_window
                 return end, end + first_window
             return None
-        behind, ahead = self.furthest - BACKWARD_TOLERANCE, self.furthest + FORWARD_TOLERANCE
-        if behind <= end and offset <= ahead:
+        if self.takes(offset, end):
             # Before any readahead, a read that does not continue the last one is a jump
             # too: a filesystem's metadata blocks, close together but in no order.
             self.jumped = not self.window and offset != previous_end
-            self.run += max(0, end - self.furthest)
-            self.furthest = max(self.furthest, end)
+        elif self.parked is not None and self.parked.takes(offset, end):
+            self._swap_parked()
+            self.jumped = False
         else:
-            self.furthest, self.run = end, end - offset
+            if self.window:
+                self.parked = self._current_run()
+            self.furthest = end
+            self.run = self.read_bytes = end - offset
             self.window = self.prefetched_until = 0
             self.jumped = self.seeked = True
             return None
-        if self.run < SEQUENTIAL_THRESHOLD:
-            return None
-        self.window = min(max(self.window * 2, initial), maximum)
+        self.run += max(0, end - self.furthest)
+        self.read_bytes += end - offset
+        self.furthest = max(self.furthest, end)
+        if self.read_bytes < SEQUENTIAL_THRESHOLD or 2 * self.read_bytes < self.run:
+            return None  # not yet a stream, or a sparse one (small reads far apart)
+        self.window = min(max(self.window * 2, initial, end - offset), maximum)
         if self.clustered:
             # A handle working in parts of its file (a filesystem image) reads runs that end
             # without warning (files inside the image): never further ahead than the run has
@@ -164,3 +233,15 @@ class ReadStream:
             return None
         self.prefetched_until = target
         return start, target
+
+    def _current_run(self) -> _Run:
+        return _Run(**{name: getattr(self, name) for name in _RUN_FIELDS})
+
+    def _swap_parked(self) -> None:
+        """Make the parked run current; park the current one if it had a window."""
+        parked = self.parked
+        assert parked is not None
+        current = self._current_run()
+        for name in _RUN_FIELDS:
+            setattr(self, name, getattr(parked, name))
+        self.parked = current if current.window else None

@@ -21,7 +21,7 @@ import pyfuse3
 
 from ..cache.cached_file import CachedFile
 from ..cache.fetcher import BlockFetcher, ReadError
-from ..cache.readahead import ReadStream
+from ..cache.readahead import ReadStream, tail_hint
 from ..redact import redact_url
 from .tree import DirNode, FileNode, Node, Tree
 
@@ -210,8 +210,9 @@ class RemoteFsOperations(pyfuse3.Operations):
         tail, head = self._prefetch_sizes
         if cached.retired or not cached.size or cached.complete:
             return
+        tail = tail_hint(tail, cached.size)
         if tail:
-            self._fetcher.prefetch(cached, max(0, cached.size - tail), cached.size, split=False)
+            self._fetcher.prefetch(cached, cached.size - tail, cached.size, split=False)
         if head:
             self._fetcher.prefetch(cached, 0, head, split=False)
 
