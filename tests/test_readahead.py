@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
+
 from remotefs.cache.readahead import (
     CLUSTER_MISSES,
     CLUSTER_MISSES_AGAIN,
     CLUSTER_SPAN_MAX,
     CLUSTERED_WINDOW_MAX,
+    CLUSTERED_WINDOW_SHARE,
     SEQUENTIAL_THRESHOLD,
     ReadStream,
     tail_hint,
@@ -163,17 +166,24 @@ def test_a_sequential_readers_misses_do_not_count_as_a_cluster() -> None:
     assert not stream.clustered
 
 
-def test_a_clustered_handle_reads_ahead_at_most_its_run_and_a_bounded_window() -> None:
+@pytest.mark.parametrize(
+    ("file_size", "cap"),
+    [(GiB, CLUSTERED_WINDOW_MAX), (256 * MiB, 256 * MiB // CLUSTERED_WINDOW_SHARE)],
+)
+def test_a_clustered_handle_reads_ahead_a_bounded_window(file_size: int, cap: int) -> None:
     """Runs inside a filesystem image end without warning: over-fetch stays bounded."""
     stream = ReadStream()
     for offset in [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]:
-        read_missing(stream, offset, 4 * KiB, 256 * MiB)
+        read_missing(stream, offset, 4 * KiB, file_size)
     assert stream.clustered
     start = 30 * MiB
+    windows = []
     for index in range(400):
         advance(stream, start + index * 128 * KiB, 128 * KiB)
-        assert stream.window <= min(max(INITIAL, stream.run), CLUSTERED_WINDOW_MAX)
-    assert stream.window == CLUSTERED_WINDOW_MAX
+        windows.append(stream.window)
+    assert max(windows) == cap
+    # It gets there as fast as a first run does: doubling, without waiting for the run.
+    assert windows.index(cap) < 16
 
 
 def test_a_run_that_began_at_a_seek_reads_ahead_at_most_its_own_length() -> None:
@@ -246,3 +256,18 @@ def test_four_misses_in_a_few_mib_are_a_cluster_already() -> None:
     spread = ReadStream()
     for offset in [0, 3 * MiB, 6 * MiB, 9 * MiB]:  # four, but over more than 8 MiB
         assert read_missing(spread, offset, 4 * KiB, GiB) is None
+
+
+def test_a_miss_just_past_a_fetched_part_fetches_the_next_part_over() -> None:
+    """The few misses that showed a part underestimate it: the reader goes on past its end."""
+    offsets = [208 * MiB, 224 * MiB, 218 * MiB, 222 * MiB, 215 * MiB]
+    upward, downward = ReadStream(), ReadStream()
+    for offset in offsets:
+        part = read_missing(upward, offset, 4 * KiB, GiB)
+        read_missing(downward, offset, 4 * KiB, GiB)
+    assert part is not None
+    first, last = part
+    width = last - first
+    assert read_missing(upward, last + MiB, 4 * KiB, GiB) == (last, last + width)
+    assert read_missing(downward, first - MiB, 4 * KiB, GiB) == (first - width, first)
+    assert read_missing(upward, 900 * MiB, 4 * KiB, GiB) is None  # far away: no neighbour

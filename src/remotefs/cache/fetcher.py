@@ -309,7 +309,9 @@ class BlockFetcher:
             return file.read(offset, end - offset)
         if file.retired:
             raise ReadError(f"{file.name}: the remote file changed; reopen it for the new version")
-        if stream is not None:
+        if stream is not None and not self._all_pending(file, first, last):
+            # Only a read that needs a new download is a miss: one that waits for blocks
+            # already on their way (a prefetched part still arriving) says nothing new.
             cluster = stream.note_miss(offset, end, file.size)
             if cluster is not None:
                 self.prefetch(file, *cluster)
@@ -330,6 +332,16 @@ class BlockFetcher:
             if scope.cancelled_caught:
                 raise ReadError(f"{file.name}: read at {offset} timed out after {limit:.0f}s")
         return await self._read_direct(file, offset, end)
+
+    def _all_pending(self, file: CachedFile, first: int, last: int) -> bool:
+        """True when every missing block of ``[first, last)`` is being downloaded already."""
+        inflight = self._inflight.get(file)
+        if not inflight:
+            return False
+        missing = BitMap()
+        missing.add_range(first, last)
+        missing -= file.bitmap
+        return all(block in inflight for block in missing)
 
     async def _read_direct(self, file: CachedFile, offset: int, end: int) -> bytes:
         """Fetch ``[offset, end)`` from the network without caching it (cache disk full)."""

@@ -10,9 +10,10 @@ How far the window may grow depends on what the run looks like. A handle's first
 the start of the file, or one of several readers splitting a file) reads the file and
 doubles freely. A run that began at a seek may be one file inside a disk image, so its
 window never exceeds the run itself. A handle whose misses cluster in one part of its file
-(see `ReadStream.note_miss`) gets that part fetched at once, and reads ahead at most its
-run and `CLUSTERED_WINDOW_MAX`. Together these keep a loop-mounted image's traffic near
-what it reads, while a plain stream still reaches full speed within a few round trips.
+(see `ReadStream.note_miss`) gets that part fetched at once, and reads ahead at most
+`CLUSTERED_WINDOW_MAX` and 1/`CLUSTERED_WINDOW_SHARE` of the file. Together these keep a
+loop-mounted image's traffic near what it reads, while a plain stream still reaches full
+speed within a few round trips.
 
 This module only decides *what* to prefetch; `BlockFetcher.prefetch` does it, through the
 same single-flight registry as every other download, so nothing is fetched twice.
@@ -53,8 +54,11 @@ TIGHT_CLUSTER_SPAN_SHARE = 64
 #: A handle that has clustered once works in parts of its file (a filesystem image moving
 #: on to another block group): fewer misses are enough to show its next part.
 CLUSTER_MISSES_AGAIN = 3
-#: The largest readahead window of a handle whose misses have clustered.
+#: The largest readahead window of a handle whose misses have clustered, and its largest
+#: share of the file. It is reached by doubling, without the run-length cap of other runs
+#: after a seek, so these bound what a run that ends (a file inside an image) over-fetches.
 CLUSTERED_WINDOW_MAX = 8 * MiB
+CLUSTERED_WINDOW_SHARE = 128
 #: The largest part fetched for a cluster, and its largest share of the file.
 CLUSTER_SPAN_MAX = 32 * MiB
 CLUSTER_SPAN_SHARE = 8
@@ -120,6 +124,11 @@ class ReadStream(_Run):
     misses: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=CLUSTER_MISSES))
     #: Set once the misses have clustered: this handle works in parts of its file.
     clustered: bool = False
+    #: The largest readahead window once clustered (`CLUSTERED_WINDOW_MAX`, or less in a
+    #: small file).
+    clustered_window: int = 0
+    #: ``(start, end)`` of the part fetched for this handle's latest cluster.
+    region: tuple[int, int] | None = None
     #: True when the latest read started a new run (the first read, or a seek).
     jumped: bool = True
     #: One past the last byte of the latest read.
@@ -148,6 +157,9 @@ class ReadStream(_Run):
         if not self.jumped:
             return None  # a sequential run's misses are readahead's business
         self.misses.append((offset, end))
+        beside = self._beside_region(offset, end, file_size)
+        if beside is not None:
+            return beside
         if self.clustered:
             rules = [(CLUSTER_MISSES_AGAIN, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE)]
         else:
@@ -169,7 +181,28 @@ class ReadStream(_Run):
             # range's ends).
             margin = span // (needed - 1)
             self.clustered = True
-            return max(0, start - margin), min(file_size, stop + margin)
+            self.clustered_window = min(CLUSTERED_WINDOW_MAX, file_size // CLUSTERED_WINDOW_SHARE)
+            self.region = max(0, start - margin), min(file_size, stop + margin)
+            return self.region
+        return None
+
+    def _beside_region(self, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
+        """The next part over, when a miss lands within one part's width of the last part.
+
+        A reader that worked in a part and now misses just past it is working in a part
+        that reaches further (the estimate from a few misses fell short): the fetch continues
+        in that direction by the same width, instead of waiting for misses to cluster again.
+        """
+        if self.region is None:
+            return None
+        first, last = self.region
+        width = min(last - first, CLUSTER_SPAN_MAX)
+        if last <= offset < last + width:
+            self.region = first, min(file_size, last + width)
+            return last, self.region[1]
+        if first - width < end <= first:
+            self.region = max(0, first - width), last
+            return self.region[0], first
         return None
 
     def advance(
@@ -216,9 +249,10 @@ class ReadStream(_Run):
         self.window = min(max(self.window * 2, initial, end - offset), maximum)
         if self.clustered:
             # A handle working in parts of its file (a filesystem image) reads runs that end
-            # without warning (files inside the image): never further ahead than the run has
-            # proven, nor than `CLUSTERED_WINDOW_MAX`, which bounds what an ending run wastes.
-            self.window = min(self.window, max(initial, self.run), CLUSTERED_WINDOW_MAX)
+            # without warning (files inside the image): `CLUSTERED_WINDOW_MAX` bounds what an
+            # ending run wastes. Its runs begin in parts already fetched, so they need not
+            # prove their length first.
+            self.window = min(self.window, max(initial, self.clustered_window))
         elif self.seeked:
             # A run that began at a seek may be one piece of something (a file in an image):
             # never further ahead than it has proven. A handle's first run (cp, sha256sum, a
