@@ -62,6 +62,13 @@ CLUSTERED_WINDOW_SHARE = 128
 #: The largest part fetched for a cluster, and its largest share of the file.
 CLUSTER_SPAN_MAX = 32 * MiB
 CLUSTER_SPAN_SHARE = 8
+#: ``(misses, largest span, N)`` that make a cluster, the span also at most 1/N of the file:
+#: before a handle's first cluster, and after it.
+_FIRST_CLUSTER_RULES = (
+    (CLUSTER_MISSES, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE),
+    (TIGHT_CLUSTER_MISSES, TIGHT_CLUSTER_SPAN_MAX, TIGHT_CLUSTER_SPAN_SHARE),
+)
+_NEXT_CLUSTER_RULES = ((CLUSTER_MISSES_AGAIN, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE),)
 #: An index at a file's end grows with the file (a zip's central directory has one entry per
 #: member): the open-time tail hint grows to this share of the file, up to twice its
 #: configured size, so that a big archive's index still arrives in one round trip.
@@ -160,13 +167,7 @@ class ReadStream(_Run):
         beside = self._beside_region(offset, end, file_size)
         if beside is not None:
             return beside
-        if self.clustered:
-            rules = [(CLUSTER_MISSES_AGAIN, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE)]
-        else:
-            rules = [
-                (CLUSTER_MISSES, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE),
-                (TIGHT_CLUSTER_MISSES, TIGHT_CLUSTER_SPAN_MAX, TIGHT_CLUSTER_SPAN_SHARE),
-            ]
+        rules = _NEXT_CLUSTER_RULES if self.clustered else _FIRST_CLUSTER_RULES
         for needed, span_max, share in rules:
             if len(self.misses) < needed:
                 continue
