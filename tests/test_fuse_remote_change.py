@@ -5,6 +5,7 @@ An outage is not a change: a stopped origin must not make the cache forget anyth
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -119,6 +120,38 @@ def test_change_during_read_gives_eio_to_old_reader_and_new_bytes_to_new_open(
     assert sha256((mount.path / "f.bin").read_bytes()) == sha256(new)
     origin.wait_idle()
     assert origin.bytes_served("/f.bin") == 0, "the new version was not kept in the cache"
+
+
+def test_once_the_new_version_is_announced_every_stat_shows_its_size(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    """A stat racing the change may cache the old size; the announcement must come after."""
+    write_random(origin_root / "f.bin", 8 * MiB, seed=5)
+    mount = remotefs.mount([origin.url("f.bin")], "--read-deadline", "5", NO_FILL)
+    path = mount.path / "f.bin"
+    assert path.stat().st_size == 8 * MiB
+    origin.wait_idle()
+    replace_at_origin(origin_root / "f.bin", 3 * MiB + 1, seed=6)
+    stop = threading.Event()
+
+    def stat_until_stopped() -> None:
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                os.stat(path)
+
+    poller = threading.Thread(target=stat_until_stopped)
+    poller.start()
+    try:
+        # A read of an uncached block meets the new version and starts the change.
+        with pytest.raises(OSError) as failed:
+            read_at(path, 6 * MiB, 4096)
+        assert failed.value.errno == errno.EIO
+        wait_for(lambda: "now serving the new version" in mount.log_text(), 15, "the new version")
+        assert path.stat().st_size == 3 * MiB + 1
+    finally:
+        stop.set()
+        poller.join()
 
 
 def test_change_between_mounts_discards_the_old_blocks(

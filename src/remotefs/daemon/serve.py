@@ -488,6 +488,7 @@ class Daemon:
 
     async def _replace_changed(self, cached: CachedFile) -> None:
         node = next((n for n in self.tree.files() if n.cached is cached), None)
+        serving: int | None = None
         try:
             result = await probe_one(self._source, cached.remote.url, self.options.probe_timeout)
             if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
@@ -498,15 +499,19 @@ class Daemon:
                     # open can reach the new version, or it would mix old pages with new bytes.
                     await trio.to_thread.run_sync(invalidate_inode, node.inode)
                     node.cached = replacement
-                log.info("%s: now serving the new version (%d bytes)", cached.name, result.size)
+                serving = result.size
             else:
                 await cached.retire()
                 log.warning("%s: cannot probe the new version yet: %s", cached.name, result)
         finally:
             self._changing.discard(cached)
         if node is not None:
-            # Drop the kernel's cached pages and attributes (the size may have changed).
+            # Drop the kernel's cached pages and attributes (the size may have changed). On
+            # the path above this is the second time: belt and braces, it costs nothing.
             await trio.to_thread.run_sync(invalidate_inode, node.inode)
+        if serving is not None:
+            # Only now: from here on every stat and open sees the new version.
+            log.info("%s: now serving the new version (%d bytes)", cached.name, serving)
 
     async def _announce_ready(self, on_ready: Callable[[], None]) -> None:
         """Call *on_ready* once the kernel routes a stat of the mountpoint to us."""

@@ -131,6 +131,10 @@ class RemoteFsOperations(pyfuse3.Operations):
             # st_blocks counts what is cached, so `du` shows local disk use.
             attrs.st_blocks = (cached.cached_bytes + 511) // 512
             mtime = cached.remote.mtime_ns or self._mount_time_ns
+            if cached.retired:
+                # The origin changed and this version is on its way out: attributes the
+                # kernel kept now would outlive the swap to the new version (stale size).
+                attrs.entry_timeout = attrs.attr_timeout = 0
         else:
             attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
             attrs.st_nlink = 2
