@@ -154,6 +154,44 @@ def test_once_the_new_version_is_announced_every_stat_shows_its_size(
         poller.join()
 
 
+def test_a_handle_of_the_old_version_never_reads_pages_a_new_open_cached(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    """The kernel shares page cache between handles of one inode: versions need their own."""
+    page = 4096
+    old = write_random(origin_root / "f.bin", 8 * MiB, seed=7)
+    mount = remotefs.mount(
+        [origin.url("f.bin")], "--read-deadline", "5", "--kernel-readahead", "128K", NO_FILL
+    )
+    path = mount.path / "f.bin"
+    with open(path, "rb", buffering=0) as before:
+        assert before.read(page) == old[:page]
+        origin.wait_idle()
+        new = replace_at_origin(origin_root / "f.bin", 8 * MiB, seed=8)
+        # Another reader meets the new version at the origin: the daemon notices the change.
+        with pytest.raises(OSError) as failed:
+            read_at(path, 6 * MiB, page)  # (the open-time hint cached the last MiB)
+        assert failed.value.errno == errno.EIO
+        wait_for(lambda: "now serving the new version" in mount.log_text(), 15, "the new version")
+        # A new open reads a page of the new version into the kernel's page cache...
+        far = 3 * MiB
+        assert read_at(path, far, page) == new[far : far + page]
+        assert read_at(path, 0, page) == new[:page]
+        # ... which the handle opened before the change must not see.
+        for offset in (far, 0):
+            before.seek(offset)
+            try:
+                data = before.read(page)
+            except OSError as err:
+                assert err.errno == errno.EIO
+            else:
+                assert data == old[offset : offset + page], (
+                    f"new bytes at {offset} for an old handle"
+                )
+        # Like a file replaced on a local disk: the path names another inode now.
+        assert os.fstat(before.fileno()).st_ino != path.stat().st_ino
+
+
 def test_change_between_mounts_discards_the_old_blocks(
     origin: Origin, origin_root: Path, remotefs: MountFactory
 ) -> None:

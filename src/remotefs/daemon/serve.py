@@ -487,30 +487,36 @@ class Daemon:
         self._spawn(self._replace_changed, cached)
 
     async def _replace_changed(self, cached: CachedFile) -> None:
+        """Serve the origin's new version under a new inode; old handles keep the old one.
+
+        The kernel's page cache is per inode and shared by every handle, so one inode per
+        version is what keeps a handle from mixing pages of two versions.
+        """
         node = next((n for n in self.tree.files() if n.cached is cached), None)
         serving: int | None = None
+        gone: list[Removed] = []
         try:
             result = await probe_one(self._source, cached.remote.url, self.options.probe_timeout)
             if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
-                replacement = await self.store.replace(cached, result)
-                if node is not None:
-                    # The old version is retired now (its reads fail), so no page of it can
-                    # enter the kernel's cache any more: drop the ones there *before* a new
-                    # open can reach the new version, or it would mix old pages with new bytes.
-                    await trio.to_thread.run_sync(invalidate_inode, node.inode)
-                    node.cached = replacement
+                replacement = await self.store.replace(cached, result)  # retires the old one
+                swapped = None if node is None else self.tree.replace_file(node.inode, replacement)
+                if swapped is None:
+                    replacement.close()  # a reload took the path away meanwhile
+                else:
+                    gone.append(swapped[1])
                 serving = result.size
             else:
                 await cached.retire()
                 log.warning("%s: cannot probe the new version yet: %s", cached.name, result)
         finally:
             self._changing.discard(cached)
+        # The kernel's entry for the old inode goes, so a lookup reaches the new one...
+        await trio.to_thread.run_sync(forget_entries, gone)
         if node is not None:
-            # Drop the kernel's cached pages and attributes (the size may have changed). On
-            # the path above this is the second time: belt and braces, it costs nothing.
+            # ... and the old inode's pages and attributes: its handles get EIO from now on.
             await trio.to_thread.run_sync(invalidate_inode, node.inode)
         if serving is not None:
-            # Only now: from here on every stat and open sees the new version.
+            # Only now: from here on every lookup, stat and open sees the new version.
             log.info("%s: now serving the new version (%d bytes)", cached.name, serving)
 
     async def _announce_ready(self, on_ready: Callable[[], None]) -> None:

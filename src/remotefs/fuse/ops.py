@@ -101,7 +101,7 @@ class RemoteFsOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         self._sorted_children: dict[int, list[tuple[str, int]]] = {}
         # Each open handle keeps the file version it opened: when the origin's file changes,
-        # the node gets a new CachedFile and old handles keep failing instead of mixing.
+        # its path gets a new node and old handles keep failing instead of mixing.
         self._handles: dict[int, tuple[CachedFile, ReadStream]] = {}
         self._next_handle = 1
         #: The control socket's path, once the daemon listens on it (root xattr).
@@ -206,7 +206,7 @@ class RemoteFsOperations(pyfuse3.Operations):
         self._handles[handle] = (node.cached, ReadStream())
         self._prefetch_head_and_tail(node.cached)
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
-        # without the daemon noticing, and then it invalidates the inode itself.
+        # without the daemon noticing, and then the new version gets a new inode.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
 
     def _prefetch_head_and_tail(self, cached: CachedFile) -> None:

@@ -3,7 +3,8 @@
 Inode numbers are assigned once per mount, in manifest order, and never reused, so the kernel's
 entry and attribute caches can keep them for a long time. A reload of urls.txt unlinks files
 (and prunes directories left empty); an unlinked file keeps its inode in `Tree.unlinked` while
-open handles may still ask for its attributes, like an unlinked file of a local filesystem.
+open handles may still ask for its attributes, like an unlinked file of a local filesystem. A
+file that changed at the origin is replaced the same way: a new inode at the same path.
 """
 
 from __future__ import annotations
@@ -102,6 +103,29 @@ class Tree:
         del self.nodes[node.inode]
         self.unlinked[node.inode] = node
         return parent.inode, path[-1], node.inode
+
+    def replace_file(self, inode: int, cached: CachedFile) -> tuple[FileNode, Removed] | None:
+        """Serve *cached* at the path of file *inode* under a new inode; None if not linked.
+
+        The origin's file changed, and the kernel keeps page cache per inode: handles opened
+        on the old version read cached pages without asking the daemon. With one inode per
+        version, an old handle can never find a page of the new version there, nor a new
+        open a page of the old. The old node moves to `unlinked` for its open handles.
+        """
+        for directory in self.nodes.values():
+            if not isinstance(directory, DirNode):
+                continue
+            for name, child in directory.children.items():
+                if child != inode:
+                    continue
+                old = self.nodes.pop(inode)
+                assert isinstance(old, FileNode)
+                self.unlinked[inode] = old
+                node = FileNode(self._allocate(), cached)
+                self.nodes[node.inode] = node
+                directory.children[name] = node.inode
+                return node, (directory.inode, name, inode)
+        return None
 
     def prune(self, keep: Collection[tuple[str, ...]] = ()) -> list[Removed]:
         """Remove every directory without files, except the paths in *keep* (files are about
