@@ -320,6 +320,25 @@ def test_body_without_length_is_listed_once_downloaded(
     assert "f.bin" in mount.log_text()
 
 
+def test_a_body_without_length_at_two_paths_is_downloaded_once(
+    faulty: FaultyOrigin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    data = write_random(origin_root / "f.bin", 2 * MiB + 5)
+    faulty.no_length = "chunked"
+    faulty.body_pause = 0.1
+    url = faulty.url("f.bin")
+    mount = remotefs.mount([f"{url} a.bin", f"{url} b.bin"], *options())
+    deadline = time.monotonic() + 20
+    while sorted(os.listdir(mount.path)) != ["a.bin", "b.bin"]:
+        assert time.monotonic() < deadline, f"listed only {os.listdir(mount.path)}"
+        time.sleep(0.05)
+    assert (mount.path / "a.bin").read_bytes() == data
+    assert (mount.path / "b.bin").read_bytes() == data
+    settle(faulty)
+    downloads = [r for r in faulty.requests if r.path == "/f.bin" and r.range_header is None]
+    assert [(r.status, r.body_bytes) for r in downloads] == [(200, len(data))]
+
+
 def test_refused_head_does_not_matter(
     faulty: FaultyOrigin, origin_root: Path, remotefs: MountFactory
 ) -> None:

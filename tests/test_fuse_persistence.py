@@ -157,3 +157,31 @@ def test_foreground_daemon_unmounts_and_saves_on_signal(
     assert read_range(mount.path / "f.bin", 0, MiB) == data[:MiB]
     origin.wait_idle()
     assert origin.bytes_served("/f.bin") == 0
+
+
+def test_one_url_at_two_paths_shares_one_cache_entry(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    """Both paths read one cache entry: bytes one path fetched are free for the other, and
+    the entry's state on disk is one object's, not two objects' overwriting each other."""
+    data = write_random(origin_root / "f.bin", 6 * MiB + 9)
+    url = origin.url("f.bin")
+    mount = remotefs.mount([f"{url} a/first.bin", f"{url} b/second.bin"])
+    origin.wait_idle()
+    origin.reset_counters()
+    assert (mount.path / "a" / "first.bin").read_bytes() == data
+    origin.wait_idle()
+    assert origin.bytes_served("/f.bin") == len(data)
+    assert (mount.path / "b" / "second.bin").read_bytes() == data
+    origin.wait_idle()
+    assert origin.bytes_served("/f.bin") == len(data), "the second path downloaded again"
+    mount.unmount()
+
+    # The next mount finds every byte cached, under either path.
+    mount = remotefs.mount([f"{url} b/second.bin", f"{url} a/first.bin"])
+    origin.wait_idle()
+    origin.reset_counters()
+    assert (mount.path / "b" / "second.bin").read_bytes() == data
+    assert (mount.path / "a" / "first.bin").read_bytes() == data
+    origin.wait_idle()
+    assert origin.bytes_served("/f.bin") == 0

@@ -192,6 +192,32 @@ def test_a_handle_of_the_old_version_never_reads_pages_a_new_open_cached(
         assert os.fstat(before.fileno()).st_ino != path.stat().st_ino
 
 
+def test_a_url_at_two_paths_changes_at_both_and_the_cache_keeps_one_version(
+    origin: Origin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    """Both paths show the new version, and the cache entry they share stays consistent."""
+    old = write_random(origin_root / "f.bin", 6 * MiB, seed=11)
+    url = origin.url("f.bin")
+    lines = [f"{url} a.bin", f"{url} b.bin"]
+    mount = remotefs.mount(lines, "--read-deadline", "5", NO_FILL)
+    assert read_at(mount.path / "a.bin", 0, MiB) == old[:MiB]
+    assert read_at(mount.path / "b.bin", 2 * MiB, MiB) == old[2 * MiB : 3 * MiB]
+    origin.wait_idle()
+    new = replace_at_origin(origin_root / "f.bin", 6 * MiB, seed=12)
+    with pytest.raises(OSError) as failed:
+        read_at(mount.path / "a.bin", 4 * MiB, 4096)
+    assert failed.value.errno == errno.EIO
+    wait_for(lambda: "now serving the new version" in mount.log_text(), 15, "the new version")
+    for name in ("a.bin", "b.bin"):
+        assert read_at(mount.path / name, 2 * MiB, MiB) == new[2 * MiB : 3 * MiB], name
+    mount.unmount()
+
+    # What the cache kept after the change is the new version's, under either path.
+    mount = remotefs.mount(lines, "--read-deadline", "5", NO_FILL)
+    for name in ("b.bin", "a.bin"):
+        assert sha256((mount.path / name).read_bytes()) == sha256(new), name
+
+
 def test_change_between_mounts_discards_the_old_blocks(
     origin: Origin, origin_root: Path, remotefs: MountFactory
 ) -> None:

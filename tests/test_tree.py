@@ -52,3 +52,15 @@ def test_replacing_what_is_not_linked_changes_nothing(tmp_path: Path) -> None:
     assert tree.replace_file(node.inode, second) is None  # unlinked by a reload meanwhile
     assert tree.unlinked == {node.inode: node}
     assert not any(isinstance(n, FileNode) for n in tree.nodes.values())
+
+
+def test_a_url_at_two_paths_is_one_cache_entry(tmp_path: Path) -> None:
+    first, second = _two_versions(tmp_path)
+    tree = Tree()
+    a = tree.add_file(("a.bin",), first)
+    tree.add_file(("b.bin",), first)
+    tree.add_file(("c.bin",), second)
+    assert tree.cached_files() == [first, second]
+    swapped = tree.replace_file(a.inode, second)
+    assert swapped is not None
+    assert tree.cached_files() == [first, second]  # b.bin still lists the first

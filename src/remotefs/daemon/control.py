@@ -290,7 +290,7 @@ class ControlServer:
         """Usage and cap of the whole cache (every file of the mount)."""
         budget = self._fetcher.budget
         if budget is None:
-            used = sum(node.cached.cached_bytes for node in self._tree.files())
+            used = sum(cached.cached_bytes for cached in self._tree.cached_files())
             return {"cache_used": used, "cache_max_size": 0, "evicted_bytes": 0}
         return {
             "cache_used": budget.used(),

@@ -127,6 +127,8 @@ class Daemon:
         self._pending: dict[tuple[str, ...], trio.CancelScope] = {}
         #: Reloads, and the closing of files they removed, run one at a time.
         self._reload_lock = trio.Lock()
+        #: Downloads of files of unknown size, one per URL (`_download_unknown_size`).
+        self._download_locks: dict[str, trio.Lock] = {}
         self._ops: RemoteFsOperations | None = None
         self._fetcher: BlockFetcher | None = None
         self._stopping_sent = False
@@ -208,8 +210,8 @@ class Daemon:
             self._notify_stopping("stopped")
 
     def _listed_files(self) -> list[CachedFile]:
-        """The cache entries of the files in the namespace."""
-        return [node.cached for node in self.tree.files()]
+        """The cache entries of the files in the namespace (each once)."""
+        return self.tree.cached_files()
 
     def _cached_files(self) -> list[CachedFile]:
         """Every open cache entry: listed files and removed ones still open (saved alike)."""
@@ -268,16 +270,19 @@ class Daemon:
         return self._wanted.get(entry.path) is entry and self.tree.find(entry.path) is None
 
     def _reusable(self, url: str, name: str) -> CachedFile | None:
-        """The open cache entry of *url* that a reload removed, to list again under *name*.
+        """The open cache entry of *url*, to list (again) under *name*; None if there is none.
 
-        A URL that moves to another path, or comes back before its last handle is closed,
-        must keep its one `CachedFile`: a second object on the same entry directory would
-        overwrite the first one's bitmap.
+        One URL has one `CachedFile`, however many paths list it and whether a reload moved
+        it or brought it back before its last handle closed: a second object on the same
+        entry directory would download its bytes again and overwrite the first one's bitmap.
         """
-        listed = set(self._listed_files())
+        listed = self._listed_files()
+        for cached in listed:
+            if cached.remote.url == url and not cached.retired:
+                return cached  # listed at another path too: it keeps its name for the logs
         for node in self.tree.unlinked.values():
             cached = node.cached
-            if cached.remote.url == url and not cached.retired and cached not in listed:
+            if cached.remote.url == url and not cached.retired:
                 cached.name = name
                 return cached
         return None
@@ -311,7 +316,21 @@ class Daemon:
         self._place(entry, remote)
 
     async def _download_unknown_size(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
-        """Fetch a file whose server announces no length, then list it (it is complete)."""
+        """Fetch a file whose server announces no length, then list it (it is complete).
+
+        One download per URL at a time: a URL listed at two paths shares one part file and
+        one cache entry, so the second path waits and then lists what the first fetched.
+        """
+        lock = self._download_locks.setdefault(entry.url, trio.Lock())
+        async with lock:
+            shared = self._reusable(entry.url, "/".join(entry.path))
+            if shared is not None and shared.complete:
+                if self._current(entry):
+                    self.tree.add_file(entry.path, shared)
+                return
+            await self._download_whole(entry, remote)
+
+    async def _download_whole(self, entry: ManifestEntry, remote: RemoteMeta) -> None:
         name = "/".join(entry.path)
         directory = self.store.entry_dir(entry.url)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -487,34 +506,43 @@ class Daemon:
         self._spawn(self._replace_changed, cached)
 
     async def _replace_changed(self, cached: CachedFile) -> None:
-        """Serve the origin's new version under a new inode; old handles keep the old one.
+        """Serve the origin's new version under new inodes; old handles keep the old ones.
 
         The kernel's page cache is per inode and shared by every handle, so one inode per
-        version is what keeps a handle from mixing pages of two versions.
+        version is what keeps a handle from mixing pages of two versions. The reload lock is
+        held throughout: a reload that listed this URL at another path meanwhile would open
+        a second object on the entry directory that `store.replace` resets.
         """
-        node = next((n for n in self.tree.files() if n.cached is cached), None)
         serving: int | None = None
         gone: list[Removed] = []
+        old_inodes: list[int] = []
         try:
-            result = await probe_one(self._source, cached.remote.url, self.options.probe_timeout)
-            if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
-                replacement = await self.store.replace(cached, result)  # retires the old one
-                swapped = None if node is None else self.tree.replace_file(node.inode, replacement)
-                if swapped is None:
-                    replacement.close()  # a reload took the path away meanwhile
+            async with self._reload_lock:
+                result = await probe_one(
+                    self._source, cached.remote.url, self.options.probe_timeout
+                )
+                if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
+                    replacement = await self.store.replace(cached, result)  # retires the old
+                    # Every path that lists this URL, found after the last await.
+                    for node in [n for n in self.tree.files() if n.cached is cached]:
+                        swapped = self.tree.replace_file(node.inode, replacement)
+                        assert swapped is not None  # a linked node
+                        gone.append(swapped[1])
+                        old_inodes.append(node.inode)
+                    if not gone:
+                        replacement.close()  # a reload took its paths away meanwhile
+                    serving = result.size
                 else:
-                    gone.append(swapped[1])
-                serving = result.size
-            else:
-                await cached.retire()
-                log.warning("%s: cannot probe the new version yet: %s", cached.name, result)
+                    await cached.retire()
+                    old_inodes = [n.inode for n in self.tree.files() if n.cached is cached]
+                    log.warning("%s: cannot probe the new version yet: %s", cached.name, result)
         finally:
             self._changing.discard(cached)
-        # The kernel's entry for the old inode goes, so a lookup reaches the new one...
+        # The kernel's entries for the old inodes go, so a lookup reaches the new ones...
         await trio.to_thread.run_sync(forget_entries, gone)
-        if node is not None:
-            # ... and the old inode's pages and attributes: its handles get EIO from now on.
-            await trio.to_thread.run_sync(invalidate_inode, node.inode)
+        for inode in old_inodes:
+            # ... and the old inodes' pages and attributes: their handles get EIO from now on.
+            await trio.to_thread.run_sync(invalidate_inode, inode)
         if serving is not None:
             # Only now: from here on every lookup, stat and open sees the new version.
             log.info("%s: now serving the new version (%d bytes)", cached.name, serving)

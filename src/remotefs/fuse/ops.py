@@ -249,11 +249,10 @@ class RemoteFsOperations(pyfuse3.Operations):
         return None
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        files = list(self._tree.files())
         data = pyfuse3.StatvfsData()
         data.f_bsize = self._block_size
         data.f_frsize = self._block_size
-        data.f_blocks = sum(-(-node.cached.size // self._block_size) for node in files)
+        data.f_blocks = sum(-(-f.size // self._block_size) for f in self._tree.cached_files())
         data.f_bfree = 0
         data.f_bavail = 0
         data.f_files = len(self._tree.nodes)

@@ -159,6 +159,11 @@ class Tree:
         """Every file node."""
         return (node for node in self.nodes.values() if isinstance(node, FileNode))
 
+    def cached_files(self) -> list[CachedFile]:
+        """The distinct cache entries of the files, in inode order: a URL listed at two paths
+        has one entry, which must be counted, saved and filled once."""
+        return list(dict.fromkeys(node.cached for node in self.files()))
+
     def counts(self) -> tuple[int, int]:
         """(number of files, number of directories)."""
         files = sum(1 for node in self.nodes.values() if isinstance(node, FileNode))
