@@ -125,7 +125,8 @@ class Daemon:
         self._wanted: dict[tuple[str, ...], ManifestEntry] = {e.path: e for e in entries}
         #: Background tasks (re-probe, download of unknown size) of entries not listed yet.
         self._pending: dict[tuple[str, ...], trio.CancelScope] = {}
-        #: Reloads, and the closing of files they removed, run one at a time.
+        #: Reloads, the closing of files they removed and the swaps to new versions of changed
+        #: files run one at a time.
         self._reload_lock = trio.Lock()
         #: Downloads of files of unknown size, one per URL (`_download_unknown_size`).
         self._download_locks: dict[str, trio.Lock] = {}
