@@ -7,6 +7,7 @@ requested.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -70,9 +71,12 @@ def open_store(root: Path, block_size: int = BS) -> CacheStore:
 
 
 def attach(store: CacheStore, meta: RemoteMeta | None, url: str = URL) -> CachedFile:
-    cached = store.attach(url, meta, "data.bin")
-    assert cached is not None
-    return cached
+    """The entry for *meta*; with None, what is stored (the origin could not be asked)."""
+    if meta is not None:
+        return store.attach(url, meta, "data.bin")
+    stored = store.load_entry(url)
+    assert stored is not None
+    return store.attach_stored(url, "data.bin", stored)
 
 
 def mode(path: Path) -> int:
@@ -243,23 +247,29 @@ def test_unusable_cache_directory(tmp_path: Path) -> None:
         CacheStore(tmp_path / "file" / "cache", BS).open(wait=0)
 
 
-def test_attach_new_url_creates_sparse_file_of_full_size(tmp_path: Path) -> None:
+def test_an_entry_is_created_with_its_first_block_as_a_sparse_file_of_full_size(
+    tmp_path: Path,
+) -> None:
     size = 40 * 1024 * 1024 + 123
     store = open_store(tmp_path / "cache")
     try:
         cached = attach(store, remote(size=size))
         try:
-            data = store.entry_dir(URL) / DATA_NAME
-            st = data.stat()
-            assert st.st_size == size
-            assert st.st_blocks * 512 < BS  # sparse: nothing allocated yet
+            assert not store.entry_dir(URL).exists()  # nothing on disk before a block
+            trio.run(cached.save)
+            assert not store.entry_dir(URL).exists()
             assert len(cached.bitmap) == 0
             assert cached.nblocks == 641
             assert (cached.size, cached.cached_bytes, cached.complete) == (size, 0, False)
+            cached.write_block(10, os.urandom(BS))
+            data = store.entry_dir(URL) / DATA_NAME
+            st = data.stat()
+            assert st.st_size == size
+            assert st.st_blocks * 512 <= 2 * BS  # sparse: only the block written
             assert load_meta(store.entry_dir(URL) / META_NAME) == CacheMeta.from_remote(
                 remote(size=size), BS
             )
-            assert not (store.entry_dir(URL) / BITMAP_NAME).exists()
+            assert not (store.entry_dir(URL) / BITMAP_NAME).exists()  # saved at a checkpoint
         finally:
             cached.close()
     finally:
@@ -412,7 +422,7 @@ def test_corrupt_meta_resets_the_entry(tmp_path: Path, caplog: pytest.LogCapture
         _cache_two_blocks(store)
         (store.entry_dir(URL) / META_NAME).write_bytes(b"garbage")
         with caplog.at_level(logging.WARNING):
-            assert store.known_meta(URL) is None
+            assert store.stored_meta(URL) is None
             cached = attach(store, remote())
         assert len(cached.bitmap) == 0
         cached.close()
@@ -425,7 +435,7 @@ def test_corrupt_meta_resets_the_entry(tmp_path: Path, caplog: pytest.LogCapture
 def test_attach_without_probe_result(tmp_path: Path) -> None:
     store = open_store(tmp_path / "cache")
     try:
-        assert store.attach(URL, None, "data.bin") is None
+        assert store.load_entry(URL) is None
         assert not store.entry_dir(URL).exists()
         _cache_two_blocks(store)
         cached = attach(store, None)  # origin unreachable: serve what is cached
@@ -610,15 +620,15 @@ def test_saved_bitmap_never_claims_a_block_written_during_the_save(
     cached = attach(store, remote())
     entry = store.entry_dir(URL)
     blocks = [os.urandom(BS) for _ in range(2)]
-    real_atomic_write = cached_file_module.atomic_write
+    real_atomic_write = cached_file_module.safe_fs.atomic_write
 
-    def racing_atomic_write(path: Path, data: bytes) -> None:
+    def racing_atomic_write(name: str, data: bytes, *, dir_fd: int) -> None:
         # Runs in save()'s worker thread: the trio thread stores block 1 meanwhile.
-        if path.name == BITMAP_NAME and 1 not in cached.bitmap:
+        if name == BITMAP_NAME and 1 not in cached.bitmap:
             trio.from_thread.run_sync(cached.write_block, 1, blocks[1])
-        real_atomic_write(path, data)
+        real_atomic_write(name, data, dir_fd=dir_fd)
 
-    monkeypatch.setattr(cached_file_module, "atomic_write", racing_atomic_write)
+    monkeypatch.setattr(cached_file_module.safe_fs, "atomic_write", racing_atomic_write)
     try:
         cached.write_block(0, blocks[0])
         trio.run(cached.save)
@@ -636,11 +646,17 @@ def test_saved_bitmap_never_claims_a_block_written_during_the_save(
         store.close()
 
 
-def test_failed_write_does_not_mark_the_block(tmp_path: Path) -> None:
+def test_failed_write_does_not_mark_the_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = open_store(tmp_path / "cache")
     cached = attach(store, remote())
+
+    def failing(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", failing)
     try:
-        cached.close()  # the data file is gone: pwrite fails with EBADF
         with pytest.raises(OSError):
             cached.write_block(0, bytes(BS))
         assert len(cached.bitmap) == 0
@@ -661,17 +677,16 @@ def test_save_all_saves_only_dirty_files(
     a, b, c = files
     calls: list[int] = []
 
-    def recording(index: int, real: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
-        async def save() -> None:
-            calls.append(index)
-            if index == 0:
-                raise OSError(28, "No space left on device")
-            await real()
+    real_save = CachedFile.save
 
-        return save
+    async def recording(self: CachedFile) -> None:
+        index = files.index(self)
+        calls.append(index)
+        if index == 0:
+            raise OSError(28, "No space left on device")
+        await real_save(self)
 
-    for index, cached in enumerate(files):
-        monkeypatch.setattr(cached, "save", recording(index, cached.save))
+    monkeypatch.setattr(CachedFile, "save", recording)
     try:
         a.write_block(0, bytes(BS))
         c.write_block(1, bytes(BS))

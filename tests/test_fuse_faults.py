@@ -370,7 +370,9 @@ def test_expired_redirect_target_is_resolved_again(
     assert read_range(path, 0, MiB) == data[:MiB]
     settle(faulty)
     originals = [r for r in faulty.requests if r.path == "/dl/f.bin"]
-    assert [r.status for r in originals] == [302]  # the probe; data requests go to the target
+    # The probe (the fast probe client hands a redirect to httpx, which asks again), and no
+    # more: data requests go to the target.
+    assert [r.status for r in originals] in ([302], [302, 302])
     assert {r.status for r in faulty.signed_requests()} == {206}
 
     faulty.expire_signatures()

@@ -6,6 +6,7 @@ mount (``--no-fill``, the `remotefs` fixture's default, so no background traffic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -260,7 +261,7 @@ def test_prefetch_completes_files_despite_foreground_reads_and_then_reads_are_fr
     assert xattr(target, "user.remotefs.complete") == "1"
     entry = file_status(mount, "big.bin")
     assert entry["state"] == "complete"
-    assert entry["prefetch"] == {"state": "done", "error": None}
+    assert entry["prefetch"] == {"state": "done", "error": None, "paused": None}
     slow_origin.wait_idle()
     # Foreground reads and the prefetch share the single-flight path: nothing came twice.
     assert no_overlaps(slow_origin.served_ranges("/big.bin"))
@@ -444,7 +445,13 @@ def test_status_on_a_terminal_shows_live_progress_bars(
             if ready:
                 output += os.read(master, 65536)
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
+        # Keep draining the terminal: a child blocked writing to a full pty never exits.
+        deadline = time.monotonic() + 20
+        while process.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):
+                    output += os.read(master, 65536)
+        assert process.wait(timeout=1) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -46,6 +46,9 @@ def test_indented_header_lines_belong_to_the_url_above() -> None:
         ("https://h/a\n  Range: bytes=0-\n", 2, "set by remotefs itself"),
         ("https://h/a\n  Accept-Encoding: gzip\n", 2, "set by remotefs itself"),
         (f"https://h/a\n  X-A: {SECRET}\nhttps://h/a other\n", 3, "with other headers"),
+        # Latin-1 and UTF-8 values: HTTP cannot carry them, and they once ended the daemon.
+        (f"https://h/a\n  X-Name: caf\u00e9 {SECRET}\n", 2, "non-ASCII characters"),
+        (f"https://h/a\n  X-Name: \u65e5\u672c {SECRET}\n", 2, "non-ASCII characters"),
     ],
 )
 def test_header_line_errors_name_file_and_line(text: str, line: int, reason: str) -> None:
@@ -65,6 +68,11 @@ def test_header_file_and_option() -> None:
     )
     with pytest.raises(HeaderError, match=r"^h\.txt:2: malformed header line") as info:
         parse_header_lines(["X-Ok: 1", f"Authorization {SECRET}"], "h.txt")
+    assert SECRET not in str(info.value)
+    with pytest.raises(HeaderError, match=r"^h\.txt:1: header 'X-Name': the value has non-ASCII"):
+        parse_header_lines([f"X-Name: caf\u00e9{SECRET}"], "h.txt")
+    with pytest.raises(HeaderError, match="non-ASCII") as info:
+        parse_header_option(f"X-Name: \u00e9{SECRET}")
     assert SECRET not in str(info.value)
     assert parse_header_option("Cookie: a=b") == ("Cookie", "a=b")
     with pytest.raises(HeaderError) as info:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -380,7 +382,26 @@ def test_load_manifest_directory(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         load_manifest(tmp_path)
     assert info.value.line is None
-    assert str(info.value) == f"{tmp_path}: cannot read: Is a directory"
+    assert str(info.value) == (
+        f"{tmp_path}: cannot read: a directory, not a regular file (give a text file)"
+    )
+
+
+def test_load_manifest_refuses_a_fifo_at_once(tmp_path: Path) -> None:
+    """A FIFO given as urls.txt used to hang `remotefs mount` until something wrote to it."""
+    fifo = tmp_path / "urls.txt"
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    with pytest.raises(ManifestError) as info:
+        load_manifest(fifo)
+    assert time.monotonic() - began < 2
+    assert str(info.value) == f"{fifo}: cannot read: a FIFO, not a regular file (give a text file)"
+
+
+def test_load_manifest_refuses_a_device(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        load_manifest("/dev/zero")
+    assert "a device, not a regular file" in str(info.value)
 
 
 def test_load_manifest_permission_error_reported(
@@ -391,7 +412,7 @@ def test_load_manifest_permission_error_reported(
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", str(args[0]))
 
-    monkeypatch.setattr(manifest_module, "open", denied, raising=False)
+    monkeypatch.setattr(manifest_module.os, "open", denied)
     with pytest.raises(ManifestError) as info:
         load_manifest(tmp_path / "urls.txt")
     assert str(info.value) == f"{tmp_path / 'urls.txt'}: cannot read: Permission denied"

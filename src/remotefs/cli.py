@@ -15,12 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from . import __version__
+from .cache.safe_fs import UnsafePathError, check_private_dir
 from .cache.store import CacheDirError
 from .config.manifest import (
     HeaderError,
@@ -34,9 +35,15 @@ from .config.options import MountOptions, default_cache_dir
 from .control_client import COMMANDS as CONTROL_COMMANDS
 from .control_client import add_commands as add_control_commands
 from .control_client import run_command as run_control_command
-from .daemon.background import run_in_background
-from .daemon.logs import setup_logging
+from .daemon.background import Reporter, run_in_background
+from .daemon.logs import open_log_file, setup_logging
 from .daemon.mountpoint import MountpointError, check_mountpoint, mounted_paths
+from .daemon.preflight import (
+    PreflightError,
+    check_fuse_device,
+    check_unprivileged_mount,
+    describe_failure,
+)
 from .daemon.process import wait_for_exit
 from .fuse.ops import PID_XATTR
 
@@ -63,6 +70,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
 
 
@@ -132,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: 10)",
     )
     mount.add_argument(
+        "--probe-connections",
+        type=int,
+        default=defaults.probe_connections,
+        help="probes in flight per origin (scheme, host, port) while listing (default: 16)",
+    )
+    mount.add_argument(
+        "--revalidate-wait",
+        type=non_negative_float,
+        default=defaults.revalidate_wait,
+        help="at mount, seconds files known from an earlier run wait for their origin to"
+        " confirm them before they are listed from the cache (default: 2)",
+    )
+    mount.add_argument(
         "--checkpoint-interval",
         type=positive_float,
         default=defaults.checkpoint_interval,
@@ -178,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=defaults.fill_rate,
         help="bandwidth cap of background fill in bytes/s, e.g. 10M (default: none)",
+    )
+    mount.add_argument(
+        "--min-free",
+        type=parse_size,
+        default=None,
+        help="free space of the cache filesystem that background fill and prefetch never use"
+        " (default: 5%% of the filesystem or 2G, whichever is smaller)",
     )
     mount.add_argument(
         "--cache-max-size",
@@ -304,6 +342,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             read_deadline=args.read_deadline,
             stall_timeout=args.stall_timeout,
             probe_timeout=args.probe_timeout,
+            probe_connections=args.probe_connections,
+            revalidate_wait=args.revalidate_wait,
+            min_free=args.min_free,
             checkpoint_interval=args.checkpoint_interval,
             kernel_readahead=args.kernel_readahead,
             readahead_max=args.readahead_max,
@@ -329,48 +370,51 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _fail(f"invalid option: {err}")
     if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
         return _fail(f"--ca-bundle {args.ca_bundle}: not a readable file")
+    try:
+        check_fuse_device()
+        check_unprivileged_mount(options.allow_other)
+        check_private_dir(options.cache_dir)
+    except PreflightError as err:
+        return _fail(str(err), 1)
+    except UnsafePathError as err:
+        return _fail(f"refusing the {err.strerror}", 1)
 
     source = os.path.abspath(args.urls)  # the mount's source in the mount table, as in fstab
 
-    def serve(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
-        return _serve(
-            options, entries, mountpoint, report_ready, report_error, source, Path(source)
-        )
+    def serve(reporter: Reporter) -> int:
+        return _serve(options, entries, mountpoint, reporter, source, Path(source))
 
     if args.foreground:
-        setup_logging(args.log_level, None)
+        setup_logging(args.log_level)
 
         def print_error(text: str) -> None:
             sys.stderr.write(f"remotefs: {text}\n")
 
-        return serve(lambda: None, print_error)
+        return serve(Reporter(lambda: None, print_error, lambda done, total: None))
     log_file = (args.log_file or options.cache_dir / "remotefs.log").absolute()
-    try:
-        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as err:
-        return _fail(f"cannot create {log_file.parent}: {err.strerror}")
     try:  # checked here, where the error can still be one line on the terminal
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        log_fd = open_log_file(log_file)
+    except UnsafePathError as err:
+        return _fail(f"refusing the log file {log_file}: {err.strerror}", 1)
     except OSError as err:
-        return _fail(f"cannot write the log file {log_file}: {err.strerror}")
+        return _fail(f"cannot write the log file {log_file}: {err.strerror}", 1)
 
-    def child(report_ready: Callable[[], None], report_error: Callable[[str], None]) -> int:
-        setup_logging(args.log_level, log_file)
-        return serve(report_ready, report_error)
+    def child(reporter: Reporter) -> int:
+        setup_logging(args.log_level, to_log_file=True)
+        return serve(reporter)
 
-    return run_in_background(child, log_file)
+    return run_in_background(child, log_fd, str(log_file))
 
 
 def _serve(
     options: MountOptions,
     entries: list[ManifestEntry],
     mountpoint: Path,
-    report_ready: Callable[[], None],
-    report_error: Callable[[str], None],
+    reporter: Reporter,
     source: str = "remotefs",
     urls_file: Path | None = None,
 ) -> int:
-    """Run one daemon to completion; errors before readiness go to *report_error*."""
+    """Run one daemon to completion; errors before readiness go to the reporter."""
     from .daemon.serve import Daemon  # imports pyfuse3: only where a mount really happens
 
     if options.insecure:
@@ -382,18 +426,17 @@ def _serve(
     try:
         daemon.open_cache()
     except CacheDirError as err:
-        report_error(str(err))
+        reporter.error(str(err))
         return 1
     try:
-        trio.run(daemon.run, report_ready)
-    except RuntimeError as err:  # pyfuse3.init failures (e.g. no /dev/fuse, no permission)
-        log.error("mount failed: %s", err)
-        report_error(f"mount failed: {err}")
-        return 1
+        trio.run(daemon.run, reporter.ready, reporter.progress)
+    except KeyboardInterrupt:
+        return 130
     except BaseException as err:
-        log.exception("daemon stopped by an unexpected error")
-        report_error(f"daemon failed: {err}")
-        raise
+        message = describe_failure(err)
+        log.error("mount failed: %s", message, exc_info=not isinstance(err, RuntimeError))
+        reporter.error(f"mount failed: {message}")
+        return 1
     return 0
 
 

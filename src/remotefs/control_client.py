@@ -219,6 +219,14 @@ def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
         f"{status['mountpoint']}  (pid {status['pid']}; {totals['files']}"
         f" file{'' if totals['files'] == 1 else 's'}, {totals['complete']} complete)"
     ]
+    states = totals.get("states")
+    if states and len(states) > 1:
+        lines.append(
+            "  " + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        )
+    paused = (status.get("daemon") or {}).get("reserve", {}).get("paused")
+    if paused:
+        lines.append(f"  background downloads paused: {paused}")
     rows = [["PATH", "SIZE", "CACHED", "PROGRESS" if bars else "%", "STATE", "RATE", "FETCHED"]]
     rows[0].append("URL")
     notes: dict[int, str] = {}
@@ -243,6 +251,11 @@ def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
             notes[len(rows) - 1] = f"    error: {entry['error']}"
         elif entry.get("prefetch") and entry["prefetch"]["state"] == "failed":
             notes[len(rows) - 1] = f"    prefetch failed: {entry['prefetch']['error']}"
+        elif entry.get("prefetch") and entry["prefetch"].get("paused"):
+            notes[len(rows) - 1] = f"    prefetch paused: {entry['prefetch']['paused']}"
+        elif entry.get("note"):
+            notes[len(rows) - 1] = f"    note: {entry['note']}"
+    hidden = status.get("hidden", 0)
     rows.append(
         [
             "TOTAL",
@@ -271,6 +284,8 @@ def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
         lines.append("  ".join(cells).rstrip())
         if index in notes:
             lines.append(notes[index])
+        if hidden and index == len(rows) - 2:  # before the TOTAL row
+            lines.append(f"... {hidden} more files (remotefs status --all shows every one)")
     return lines
 
 
@@ -307,6 +322,12 @@ def add_commands(commands: Any) -> None:
     )
     status.add_argument("--json", action="store_true", help="print the status as JSON and exit")
     status.add_argument("--once", action="store_true", help="print one snapshot even on a terminal")
+    status.add_argument(
+        "--all",
+        action="store_true",
+        help="every file, also in a mount of more than 100 files (by default only the files"
+        " that matter most are shown, with the totals)",
+    )
     prefetch = commands.add_parser(
         "prefetch",
         help="download files completely now",
@@ -341,7 +362,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Run a control command; errors become one line on stderr and exit status 1."""
     try:
         if args.command == "status":
-            return cmd_status(args.mountpoint, as_json=args.json, once=args.once)
+            return cmd_status(args.mountpoint, as_json=args.json, once=args.once, every=args.all)
         if args.command == "prefetch":
             return cmd_prefetch(args.paths)
         if args.command == "reload":
@@ -357,15 +378,17 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _query(mountpoint: str, paths: list[str] | None) -> dict[str, Any]:
+def _query(mountpoint: str, paths: list[str] | None, *, every: bool = False) -> dict[str, Any]:
     with Control(mountpoint) as control:
         request: dict[str, Any] = {"cmd": "status"}
         if paths is not None:
             request["paths"] = paths
+        if every:
+            request["all"] = True
         return control.request(request)
 
 
-def cmd_status(target: str | None, *, as_json: bool, once: bool) -> int:
+def cmd_status(target: str | None, *, as_json: bool, once: bool, every: bool = False) -> int:
     """``remotefs status [MOUNTPOINT] [--json] [--once]``."""
     if target is not None:
         found = locate(target, remotefs_mounts())
@@ -379,7 +402,7 @@ def cmd_status(target: str | None, *, as_json: bool, once: bool) -> int:
         answers, errors = [], []
         for mountpoint, paths in selection:
             try:
-                answers.append(_query(mountpoint, paths))
+                answers.append(_query(mountpoint, paths, every=every))
             except ClientError as err:
                 if target is not None:
                     raise
@@ -431,7 +454,7 @@ def cmd_prefetch(paths: list[str]) -> int:
     while True:
         files: list[tuple[str, dict[str, Any]]] = []
         for mountpoint, selected in names.items():
-            answer = _query(mountpoint, selected)
+            answer = _query(mountpoint, selected, every=True)
             files.extend((mountpoint, entry) for entry in answer["files"])
         outcomes = [(mountpoint, entry, _prefetch_outcome(entry)) for mountpoint, entry in files]
         if view is not None:
@@ -461,6 +484,8 @@ def _prefetch_outcome(entry: dict[str, Any]) -> str | None:
         return str(job["error"])
     if job["state"] == "done":
         return "stopped before the file was complete (evicted meanwhile?)"
+    if job.get("paused"):
+        return f"paused: {job['paused']}; it goes on by itself once there is room"
     return None
 
 
@@ -498,9 +523,11 @@ def cmd_reload(target: str | None) -> int:
         raise ClientError(f"{len(mounts)} remotefs mounts; name one: {' '.join(mounts)}")
     with Control(mountpoint) as control:
         answer = control.request({"cmd": "reload"})
+    pending = f", {answer['pending']} not listed yet" if answer.get("pending") else ""
     print(
         f"{mountpoint}: reloaded {answer['urls']}: {answer['added']} added,"
-        f" {answer['removed']} removed, {answer['changed']} changed,"
-        f" {answer['updated']} updated at the origin ({answer['files']} files)"
+        f" {answer['removed']} removed, {answer['changed']} changed{pending}"
+        f" ({answer['files']} file{'' if answer['files'] == 1 else 's'};"
+        f" {answer['revalidating']} being confirmed with their origins)"
     )
     return 0

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: The unit of recency and of eviction, in blocks.
 CHUNK_BLOCKS = 16
+#: Files of at most this many chunks keep their stamps in a preallocated array.
+DENSE_STAMPS = 1 << 16
 __all__ = ["CHUNK_BLOCKS", "MIN_CACHE_MAX_SIZE", "CacheBudget"]
 
 
@@ -57,7 +59,9 @@ class CacheBudget:
         self._files = files
         #: Evictions free this much more than needed, so each fsync frees many blocks.
         self.headroom = cap // 16
-        self._stamps: WeakKeyDictionary[CachedFile, array[int]] = WeakKeyDictionary()
+        self._stamps: WeakKeyDictionary[CachedFile, array[int] | dict[int, int]] = (
+            WeakKeyDictionary()
+        )
         self._clock = 0
         #: Bytes whose bits are cleared but whose holes are not punched yet (still on disk).
         self.unpunched = 0
@@ -85,7 +89,10 @@ class CacheBudget:
         stamps = self._stamps.get(file)
         if stamps is None:
             chunks = -(-file.nblocks // CHUNK_BLOCKS)
-            stamps = self._stamps[file] = array("Q", bytes(8 * chunks))
+            # A preallocated array for files up to 64 GiB at 64 KiB blocks; beyond, a dict of
+            # the chunks ever used (a 16 TiB file would need a 128 MiB array).
+            stamps = array("Q", bytes(8 * chunks)) if chunks <= DENSE_STAMPS else {}
+            self._stamps[file] = stamps
         self._clock += 1
         for chunk in range(first // CHUNK_BLOCKS, (end - 1) // CHUNK_BLOCKS + 1):
             stamps[chunk] = self._clock
@@ -165,7 +172,12 @@ class CacheBudget:
                 chunk = block // CHUNK_BLOCKS
                 first, end = chunk * CHUNK_BLOCKS, (chunk + 1) * CHUNK_BLOCKS
                 if not any(a < end and first < b for a, b in guarded):
-                    stamp = stamps[chunk] if stamps is not None else 0
+                    if stamps is None:
+                        stamp = 0
+                    elif isinstance(stamps, dict):
+                        stamp = stamps.get(chunk, 0)
+                    else:
+                        stamp = stamps[chunk]
                     candidates.append((tier, stamp, order, chunk, file))
                 if end > bitmap.max():
                     break

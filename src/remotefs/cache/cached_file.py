@@ -5,26 +5,40 @@ to the data file, and a bitmap snapshot reaches disk only after the data file wa
 So the bitmap on disk may *miss* blocks that are present (they are fetched again), but never
 claims a block that is not.
 
-All methods run on the trio thread. Only `save` awaits (fsync and the atomic bitmap write go
-to a worker thread); everything else is synchronous, so between two awaits the bitmap and the
-data file agree.
+Nothing is written to disk for a file until its first block is: a mount of 100,000 URLs that
+reads ten of them creates ten entries, not 100,000 (each would cost a directory, a metadata
+file and two fsyncs). Then the entry is created in crash-safe order: any older version's
+bitmap and data are removed, the metadata is written atomically, the data file is created.
+
+The data file is opened on demand through the store's `FdCache` and may be closed again when
+many files are in use; nothing here holds a descriptor between calls, except a save that pins
+it across its fsync.
+
+All methods run on the trio thread. Only `save`, `retire` and `evict_blocks` await (fsync and
+atomic writes go to a worker thread); everything else is synchronous, so between two awaits
+the bitmap and the data file agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import trio
 from pyroaring import BitMap
 
 from ..http.source import RemoteMeta
-from .atomic import atomic_write
-from .state_files import CacheMeta, encode_bitmap, save_meta
+from . import safe_fs
+from .fd_cache import FdCache
+from .gaps import runs
+from .state_files import CacheMeta, encode_bitmap, encode_meta
 from .stats import TransferStats
 
 log = logging.getLogger(__name__)
@@ -33,9 +47,14 @@ DATA_NAME = "data"
 BITMAP_NAME = "bitmap"
 META_NAME = "meta"
 
+#: Roaring bitmaps index blocks with 32-bit numbers: 256 TiB at 64 KiB blocks. A larger file is
+#: served without caching.
+MAX_BLOCKS = 1 << 32
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+#: What ftruncate says when the cache filesystem cannot hold a file that large.
+_TOO_LARGE = (errno.EFBIG, errno.EINVAL, errno.EOVERFLOW)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -55,11 +74,60 @@ class FileRetiredError(Exception):
     """A write to the cache of a file version that the origin no longer serves."""
 
 
+class UncacheableError(OSError):
+    """The cache filesystem cannot hold this file: it is served from the network, uncached."""
+
+
+class EntryHome(Protocol):
+    """What a `CachedFile` needs of its store: its entry directory and the descriptor cache."""
+
+    fds: FdCache
+
+    def opened_entry(
+        self, key: str, *, create: bool = False
+    ) -> contextlib.AbstractContextManager[int]: ...
+
+    def entry_path(self, key: str) -> Path: ...
+
+
 class CachedFile:
     """The local copy of one remote file, block by block."""
 
-    def __init__(self, directory: Path, meta: CacheMeta, bitmap: BitMap, name: str) -> None:
-        self.directory = directory
+    __slots__ = (
+        "__weakref__",
+        "_home",
+        "_meta_dirty",
+        "_save_lock",
+        "_saved_version",
+        "_stats",
+        "_version",
+        "bitmap",
+        "block_size",
+        "key",
+        "meta",
+        "name",
+        "nblocks",
+        "no_fill",
+        "on_disk",
+        "remote",
+        "retired",
+        "uncached_reason",
+    )
+
+    def __init__(
+        self,
+        home: EntryHome,
+        key: str,
+        meta: CacheMeta,
+        bitmap: BitMap,
+        name: str,
+        *,
+        on_disk: bool,
+        uncached_reason: str | None = None,
+    ) -> None:
+        self._home = home
+        #: The entry's directory name under the store's ``files/``.
+        self.key = key
         self.meta = meta
         self.bitmap = bitmap
         #: How this file is named in logs: its path in the mount (never the URL's query).
@@ -67,22 +135,47 @@ class CachedFile:
         self.block_size = meta.block_size
         self.nblocks = -(-meta.size // meta.block_size)
         self.remote: RemoteMeta = meta.remote()
+        #: The metadata of this version is on disk (else it is written with the first block).
+        self.on_disk = on_disk
         self._version = 0  # bumped on every bitmap change
         self._saved_version = 0
         self._meta_dirty = False
         #: Set when the origin's file changed: this object's bytes belong to an old version,
         #: nothing may be written to or read from it any more.
         self.retired = False
-        #: Origin bytes, rate and last error of this session (carried over to a new version).
-        self.stats = TransferStats()
+        #: Why this file is served without caching (the cache cannot hold it), or None.
+        self.uncached_reason = uncached_reason
+        if uncached_reason is None and self.nblocks > MAX_BLOCKS:
+            self.uncached_reason = (
+                f"{meta.size} bytes is more than {MAX_BLOCKS} blocks of {meta.block_size}"
+            )
+        self._stats: TransferStats | None = None
         #: Set by `remotefs evict`: background fill leaves this file alone (until a prefetch).
         self.no_fill = False
-        self._save_lock = trio.Lock()
-        self._fd = os.open(directory / DATA_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size != meta.size:
-            os.ftruncate(self._fd, meta.size)  # sparse: no disk blocks until written
+        self._save_lock: trio.Lock | None = None
 
     # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        """The entry's directory (for messages and tests; code opens it by descriptor)."""
+        return self._home.entry_path(self.key)
+
+    @property
+    def stats(self) -> TransferStats:
+        """Origin bytes, rate and last error of this session (carried over to a new version)."""
+        if self._stats is None:
+            self._stats = TransferStats()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: TransferStats) -> None:
+        self._stats = value
+
+    @property
+    def cacheable(self) -> bool:
+        """False when the cache cannot hold this file: every read goes to the network."""
+        return self.uncached_reason is None
 
     @property
     def size(self) -> int:
@@ -119,11 +212,45 @@ class CachedFile:
         """True when blocks ``[first, end)`` are all present."""
         return bool(self.bitmap.contains_range(first, end))
 
-    # -- data --------------------------------------------------------------------------------
+    # -- the data file -----------------------------------------------------------------------
+
+    def open_data(self) -> int:
+        """Open (creating the entry if need be) the data file; called by the `FdCache`.
+
+        Raises `UncacheableError` when the cache filesystem cannot hold a file this large:
+        the file is then served uncached from now on.
+        """
+        if self.retired:
+            raise FileRetiredError(f"{self.name}: the remote file changed")
+        with self._home.opened_entry(self.key, create=True) as entry:
+            if not self.on_disk:
+                # A new version: nothing of an older one may survive, the bitmap first.
+                for stale in (BITMAP_NAME, DATA_NAME):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale, dir_fd=entry)
+                safe_fs.atomic_write(META_NAME, encode_meta(self.meta), dir_fd=entry)
+                self.on_disk = True
+                self._meta_dirty = False
+            fd = safe_fs.open_file(DATA_NAME, os.O_RDWR | os.O_CREAT, dir_fd=entry)
+        try:
+            if os.fstat(fd).st_size != self.meta.size:
+                os.ftruncate(fd, self.meta.size)  # sparse: no disk blocks until written
+        except OSError as err:
+            os.close(fd)
+            if err.errno in _TOO_LARGE:
+                self.uncached_reason = f"the cache filesystem cannot hold it ({err.strerror})"
+                log.warning(
+                    "%s: %s; serving it from the network without caching",
+                    self.name,
+                    self.uncached_reason,
+                )
+                raise UncacheableError(err.errno, self.uncached_reason) from None
+            raise
+        return fd
 
     def read(self, offset: int, size: int) -> bytes:
         """Read present bytes from the data file (the caller checked the blocks are present)."""
-        return os.pread(self._fd, size, offset)
+        return os.pread(self._home.fds.fd(self), size, offset)
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Store one whole block, then mark it present (see `write_blocks`)."""
@@ -137,21 +264,24 @@ class CachedFile:
         """
         if self.retired:
             raise FileRetiredError(f"{self.name}: the remote file changed; block not stored")
+        if not self.cacheable:
+            raise UncacheableError(errno.EFBIG, str(self.uncached_reason))
         expected = min(count * self.block_size, self.meta.size - first * self.block_size)
         if count < 1 or len(data) != expected:
             raise ValueError(f"blocks {first}+{count} of {self.name}: {len(data)} bytes")
+        fd = self._home.fds.fd(self)
         view = memoryview(data)
         offset = start = first * self.block_size
         try:
             while view:
-                written = os.pwrite(self._fd, view, offset)
+                written = os.pwrite(fd, view, offset)
                 view = view[written:]
                 offset += written
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 # A full disk took part of the blocks: give that space back (their bits are
                 # not set, so nothing claims these bytes), or not even a bitmap save would fit.
-                punch_hole(self._fd, start, expected)
+                punch_hole(fd, start, expected)
             raise
         self.bitmap.add_range(first, first + count)
         self._version += 1
@@ -164,6 +294,11 @@ class CachedFile:
             self._meta_dirty = True
             self._version += 1
 
+    def _lock(self) -> trio.Lock:
+        if self._save_lock is None:
+            self._save_lock = trio.Lock()
+        return self._save_lock
+
     async def retire(self) -> None:
         """Stop using this object (its file changed at the origin) and release its descriptor.
 
@@ -171,7 +306,7 @@ class CachedFile:
         after the caller has reset the entry.
         """
         self.retired = True
-        async with self._save_lock:
+        async with self._lock():
             self.close()
 
     async def evict(self) -> int:
@@ -191,7 +326,7 @@ class CachedFile:
             raise FileRetiredError(f"{self.name}: the remote file changed; nothing to evict")
         dropped = self.bitmap.copy() if blocks is None else blocks & self.bitmap
         freed = self.bytes_of(dropped)
-        if blocks is not None and not dropped:
+        if not dropped:
             return 0
         self.bitmap -= dropped
         self._version += 1
@@ -206,23 +341,18 @@ class CachedFile:
                 self.bitmap |= dropped
                 self._version += 1
             raise
-        if self.retired or self._fd < 0:
+        if self.retired:
             return freed
         # Only now, with no durable claim left, may the bytes go. No await from here on.
+        fd = self._home.fds.fd(self)
         if not self.bitmap:
-            os.ftruncate(self._fd, 0)
-            os.ftruncate(self._fd, self.meta.size)
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.meta.size)
             return freed
         dropped -= self.bitmap
-        run_start = run_end = -1
-        for block in [*dropped, -1]:
-            if block == run_end:
-                run_end += 1
-                continue
-            if run_start >= 0:
-                start = run_start * self.block_size
-                punch_hole(self._fd, start, min(run_end * self.block_size, self.size) - start)
-            run_start, run_end = block, block + 1
+        for first, end in _block_runs(dropped):
+            start = first * self.block_size
+            punch_hole(fd, start, min(end * self.block_size, self.size) - start)
         return freed
 
     def mark_dirty(self) -> None:
@@ -237,25 +367,43 @@ class CachedFile:
         The snapshot is taken before fdatasync, so every block it claims was written before
         the sync: the durable bitmap never runs ahead of the durable data.
         """
-        async with self._save_lock:
+        async with self._lock():
             if not self.dirty or self.retired:
                 return
             version = self._version
+            if not self.on_disk:
+                # Nothing stored yet: the entry is created with its first block, not before.
+                self._saved_version = version
+                return
             snapshot = encode_bitmap(self.bitmap)
             complete = self.complete
-            await trio.to_thread.run_sync(os.fdatasync, self._fd)
-            await trio.to_thread.run_sync(atomic_write, self.directory / BITMAP_NAME, snapshot)
-            if (complete and not self.meta.complete) or self._meta_dirty:
-                newly_complete = complete and not self.meta.complete
-                self.meta = replace(self.meta, complete=complete)
+            newly_complete = complete and not self.meta.complete
+            meta: CacheMeta | None = None
+            if newly_complete or self._meta_dirty:
+                meta = replace(self.meta, complete=complete)
+            with self._home.fds.pinned(self) as fd:
+                await trio.to_thread.run_sync(os.fdatasync, fd)
+            await trio.to_thread.run_sync(self._persist, snapshot, meta)
+            if meta is not None:
+                self.meta = meta
                 self._meta_dirty = False
-                await trio.to_thread.run_sync(save_meta, self.directory / META_NAME, self.meta)
                 if newly_complete:
                     log.info("%s: complete on disk (%d bytes)", self.name, self.size)
             self._saved_version = version
 
+    def _persist(self, bitmap: bytes, meta: CacheMeta | None) -> None:
+        """Write the bitmap (and the metadata) atomically (in a worker thread)."""
+        with self._home.opened_entry(self.key) as entry:
+            safe_fs.atomic_write(BITMAP_NAME, bitmap, dir_fd=entry)
+            if meta is not None:
+                safe_fs.atomic_write(META_NAME, encode_meta(meta), dir_fd=entry)
+
     def close(self) -> None:
         """Release the data file descriptor (after a final `save`)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._home.fds.close(self)
+
+
+def _block_runs(blocks: BitMap) -> Iterator[tuple[int, int]]:
+    """Runs ``[first, end)`` of consecutive blocks in *blocks*."""
+    if blocks:
+        yield from runs(blocks, blocks.min(), blocks.max() + 1)

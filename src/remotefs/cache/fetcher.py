@@ -39,7 +39,7 @@ from ..http.errors import HttpSourceError, RangeNotSupportedError, RemoteChanged
 from ..http.retry import retry_until
 from ..http.source import HttpSource
 from .budget import CacheBudget
-from .cached_file import CachedFile, FileRetiredError
+from .cached_file import CachedFile, FileRetiredError, UncacheableError
 from .readahead import ReadStream
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class BlockFetcher:
         self.last_read = trio.current_time()
         if self._fill_scopes:
             self.pause_fill()
-        if stream is not None and offset < end:
+        if stream is not None and offset < end and file.cacheable:
             wanted = stream.advance(
                 offset,
                 end,
@@ -300,6 +300,8 @@ class BlockFetcher:
                 self.prefetch(file, wanted[0], wanted[1])
         if offset >= end:
             return b""
+        if not file.cacheable:
+            return await self._read_direct(file, offset, end)
         block_size = file.block_size
         first, last = offset // block_size, (end - 1) // block_size + 1
         budget = self.budget
@@ -327,7 +329,7 @@ class BlockFetcher:
                         with budget.reading_blocks(file, first, last):
                             await self._ensure(file, first, last)
                     return file.read(offset, end - offset)
-                except _CacheFullError:
+                except (_CacheFullError, UncacheableError):
                     pass
             if scope.cancelled_caught:
                 raise ReadError(f"{file.name}: read at {offset} timed out after {limit:.0f}s")
@@ -344,11 +346,17 @@ class BlockFetcher:
         return all(block in inflight for block in missing)
 
     async def _read_direct(self, file: CachedFile, offset: int, end: int) -> bytes:
-        """Fetch ``[offset, end)`` from the network without caching it (cache disk full)."""
+        """Fetch ``[offset, end)`` from the network without caching it.
+
+        For a file the cache cannot hold, and for every file while the cache disk is full.
+        """
         if file.retired:
             raise ReadError(f"{file.name}: the remote file changed during the read")
+        why = "the cache cannot hold it" if not file.cacheable else "cache disk full"
         if not file.remote.accepts_ranges:
-            raise ReadError(f"{file.name}: cache disk full and the server does not do Range")
+            raise ReadError(f"{file.name}: {why} and the server does not do Range")
+        if not file.cacheable:
+            return await self._fetch_direct(file, (offset, end))
         # Only the missing blocks go to the network; the blocks present between them are
         # read now, before any await (a set bit means their bytes are final).
         block_size = file.block_size
@@ -399,6 +407,8 @@ class BlockFetcher:
         while True:
             if file.retired:
                 raise ReadError(f"{file.name}: the remote file changed during the read")
+            if not file.cacheable:
+                raise UncacheableError(errno.EFBIG, str(file.uncached_reason))
             missing = BitMap()
             missing.add_range(first, last)
             missing -= file.bitmap
@@ -412,7 +422,7 @@ class BlockFetcher:
             if block in file.bitmap:
                 continue
             cause = download.error
-            if isinstance(cause, _CacheFullError):
+            if isinstance(cause, _CacheFullError | UncacheableError):
                 raise cause
             if isinstance(cause, RangeNotSupportedError | FillPaused):
                 continue  # fetched as one stream now, or a paused fill: schedule again
@@ -443,7 +453,7 @@ class BlockFetcher:
         does not cap a stream; without, each missing run is one request.
         """
         end = min(end, file.size)
-        if start >= end or file.retired or self.cache_full:
+        if start >= end or file.retired or self.cache_full or not file.cacheable:
             return
         block_size = file.block_size
         missing = BitMap()
@@ -476,6 +486,8 @@ class BlockFetcher:
             await self._ensure(file, first, end)
         except _CacheFullError as err:
             raise ReadError(f"{file.name}: cache disk full: {err}") from None
+        except UncacheableError as err:
+            raise ReadError(f"{file.name}: not cached: {err.strerror}") from None
 
     # -- background fill ------------------------------------------------------------------------
 
@@ -501,7 +513,7 @@ class BlockFetcher:
         stored. Blocks another download is fetching are left to it. Raises the download's
         error on failure.
         """
-        if file.retired:
+        if file.retired or not file.cacheable:
             return
         inflight = self._inflight.setdefault(file, {})
         if not file.remote.accepts_ranges:
@@ -596,8 +608,8 @@ class BlockFetcher:
             download.error = _CacheFullError(str(err))
             return
         download.error = err
-        if isinstance(err, FileRetiredError):
-            return
+        if isinstance(err, FileRetiredError | UncacheableError):
+            return  # logged where it was found; readers of this download read uncached
         if isinstance(err, RangeNotSupportedError):
             log.warning("%s: the server ignores Range; fetching the file as one stream", file.name)
             file.disable_ranges()
@@ -636,6 +648,9 @@ class BlockFetcher:
                 describe=describe,
             )
         except (HttpSourceError, OSError, FileRetiredError) as err:
+            self._fail(file, download, err)
+        except Exception as err:  # a bug must cost this download, not the daemon
+            log.exception("%s: internal error in a download", file.name)
             self._fail(file, download, err)
         finally:
             self._finish(file, inflight, download)
@@ -687,6 +702,9 @@ class BlockFetcher:
                         len(file.bitmap),
                     )
         except (HttpSourceError, OSError, FileRetiredError) as err:
+            self._fail(file, download, err)
+        except Exception as err:  # a bug must cost this download, not the daemon
+            log.exception("%s: internal error in a download", file.name)
             self._fail(file, download, err)
         finally:
             self._finish(file, inflight, download)

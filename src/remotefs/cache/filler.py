@@ -2,7 +2,9 @@
 
 When no foreground read has arrived for ``fill_idle`` seconds, missing blocks are downloaded
 file by file (in mount order), largest contiguous gap first, over at most ``fill_connections``
-connections and at most ``fill_rate`` bytes per second. The next foreground read cancels the
+connections and at most ``fill_rate`` bytes per second, and never below the cache filesystem's
+free-space reserve (``--min-free``). Planning costs time in the number of gaps, not of blocks
+(`gaps.py`), so a 16 TiB file does not stall the event loop. The next foreground read cancels the
 fill at once (`BlockFetcher.pause_fill`); every whole block already stored is kept. An origin
 that fails is backed off (doubling up to five minutes) rather than hammered. Under a cache cap
 fill only starts a chunk while the cache has room for it: it does not push out blocks that
@@ -15,12 +17,13 @@ import logging
 from collections.abc import Callable, Iterator
 
 import trio
-from pyroaring import BitMap
 
 from ..config.options import MiB, MountOptions
 from ..http.errors import HttpSourceError
 from .cached_file import CachedFile, FileRetiredError
+from .disk_space import RECHECK_INTERVAL, FreeSpaceReserve
 from .fetcher import BlockFetcher, FillPaused
+from .gaps import gaps_largest_first
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +31,6 @@ log = logging.getLogger(__name__)
 FILL_CHUNK = 4 * MiB
 FIRST_BACKOFF = 5.0
 MAX_BACKOFF = 300.0
-
-
-def gaps_largest_first(file: CachedFile) -> list[tuple[int, int]]:
-    """Runs ``[first, end)`` of missing blocks, longest first (ties: earliest first)."""
-    missing = BitMap()
-    missing.add_range(0, file.nblocks)
-    missing -= file.bitmap
-    runs: list[tuple[int, int]] = []
-    for block in missing:
-        if runs and runs[-1][1] == block:
-            runs[-1] = (runs[-1][0], block + 1)
-        else:
-            runs.append((block, block + 1))
-    return sorted(runs, key=lambda run: (run[0] - run[1], run[0]))
 
 
 def _chunks(gaps: list[tuple[int, int]], chunk_blocks: int) -> Iterator[tuple[int, int]]:
@@ -58,16 +47,18 @@ class Filler:
         fetcher: BlockFetcher,
         files: Callable[[], list[CachedFile]],
         options: MountOptions,
+        reserve: FreeSpaceReserve | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._files = files
         self._options = options
+        self._reserve = reserve
         self._backoff: dict[CachedFile, tuple[float, float]] = {}  # file -> (until, delay)
 
     def _next_file(self) -> CachedFile | None:
         now = trio.current_time()
         for file in self._files():
-            if file.complete or file.retired or file.no_fill:
+            if file.complete or file.retired or file.no_fill or not file.cacheable:
                 continue
             budget = self._fetcher.budget
             if budget is not None and not budget.has_room(FILL_CHUNK):
@@ -85,14 +76,21 @@ class Filler:
             if file is None:
                 await trio.sleep(self._options.fill_idle)
                 continue
-            await self._fill_file(file)
+            if self._reserve is not None and not self._reserve.room_for(FILL_CHUNK):
+                await trio.sleep(RECHECK_INTERVAL)  # the cache filesystem is at its reserve
+                continue
+            try:
+                await self._fill_file(file)
+            except Exception as err:  # a bug must cost this file's fill, not the daemon
+                log.exception("%s: background fill failed", file.name)
+                self._back_off(file, err)
 
     async def _fill_file(self, file: CachedFile) -> None:
         """Download *file*'s gaps with a few workers until done, paused or failed."""
         chunk_blocks = max(1, FILL_CHUNK // file.block_size)
         if self._options.fill_rate:
             chunk_blocks = max(1, min(chunk_blocks, self._options.fill_rate // file.block_size))
-        work = _chunks(gaps_largest_first(file), chunk_blocks)
+        work = _chunks(gaps_largest_first(file.bitmap, file.nblocks), chunk_blocks)
         failure: list[BaseException] = []
         started = trio.current_time()
         fetched = [0]
@@ -103,8 +101,11 @@ class Filler:
             for first, end in work:
                 if failure or file.no_fill:
                     return
-                if budget is not None and not budget.has_room((end - first) * file.block_size):
+                need = (end - first) * file.block_size
+                if budget is not None and not budget.has_room(need):
                     return  # background fill never evicts cached blocks to make room
+                if self._reserve is not None and not self._reserve.room_for(need):
+                    return  # nor takes the cache filesystem below its free-space reserve
                 before = file.cached_bytes
                 try:
                     await self._fetcher.fill(file, first, end)
@@ -122,16 +123,18 @@ class Filler:
                 nursery.start_soon(worker)
         errors = [err for err in failure if not isinstance(err, FillPaused)]
         if errors:
-            _, delay = self._backoff.get(file, (0.0, FIRST_BACKOFF / 2))
-            delay = min(delay * 2, MAX_BACKOFF)
-            self._backoff[file] = (trio.current_time() + delay, delay)
-            log.warning(
-                "%s: background fill failed (%s); retrying in %.0fs", file.name, errors[0], delay
-            )
+            self._back_off(file, errors[0])
         elif not failure:
             self._backoff.pop(file, None)
             if file.complete:
                 log.info("%s: completed in the background", file.name)
+
+    def _back_off(self, file: CachedFile, error: BaseException) -> None:
+        """Leave *file* alone for a while after a failure (doubling, up to five minutes)."""
+        _, delay = self._backoff.get(file, (0.0, FIRST_BACKOFF / 2))
+        delay = min(delay * 2, MAX_BACKOFF)
+        self._backoff[file] = (trio.current_time() + delay, delay)
+        log.warning("%s: background fill failed (%s); retrying in %.0fs", file.name, error, delay)
 
     async def _pace(self, started: float, fetched: int) -> None:
         """Sleep as needed so the fill's average rate stays under ``fill_rate``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class CorruptStateError(Exception):
     """A state file is truncated, has a bad checksum, or cannot be decoded."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CacheMeta:
     """The metadata file: which remote version the data file holds, and in what block size."""
 
@@ -70,7 +71,7 @@ def _frame(magic: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(magic, _VERSION, len(payload), zlib.crc32(payload)) + payload
 
 
-def _unframe(magic: bytes, data: bytes, what: Path) -> bytes:
+def _unframe(magic: bytes, data: bytes, what: object) -> bytes:
     if len(data) < _HEADER.size:
         raise CorruptStateError(f"{what}: truncated ({len(data)} bytes)")
     got_magic, version, length, crc = _HEADER.unpack_from(data)
@@ -84,18 +85,32 @@ def _unframe(magic: bytes, data: bytes, what: Path) -> bytes:
     return payload
 
 
+def encode_meta(meta: CacheMeta) -> bytes:
+    """The metadata file's content."""
+    return _frame(_META_MAGIC, json.dumps(asdict(meta), sort_keys=True).encode())
+
+
+def decode_meta(data: bytes, what: object) -> CacheMeta:
+    """Verify and decode a metadata file's content (*what* names it in errors)."""
+    payload = _unframe(_META_MAGIC, data, what)
+    try:
+        fields = json.loads(payload)
+        meta = CacheMeta(**fields)
+    except (ValueError, TypeError) as err:
+        raise CorruptStateError(f"{what}: cannot decode metadata: {err}") from err
+    if not isinstance(meta.size, int) or meta.size < 0 or not isinstance(meta.block_size, int):
+        raise CorruptStateError(f"{what}: impossible size {meta.size!r}")
+    return meta
+
+
 def save_meta(path: Path, meta: CacheMeta) -> None:
-    """Write the metadata file atomically."""
-    atomic_write(path, _frame(_META_MAGIC, json.dumps(asdict(meta), sort_keys=True).encode()))
+    """Write the metadata file at *path* atomically."""
+    atomic_write(path, encode_meta(meta))
 
 
 def load_meta(path: Path) -> CacheMeta:
     """Read and verify a metadata file (FileNotFoundError when there is none)."""
-    payload = _unframe(_META_MAGIC, path.read_bytes(), path)
-    try:
-        return CacheMeta(**json.loads(payload))
-    except (ValueError, TypeError) as err:
-        raise CorruptStateError(f"{path}: cannot decode metadata: {err}") from err
+    return decode_meta(path.read_bytes(), path)
 
 
 def encode_bitmap(bitmap: BitMap) -> bytes:
@@ -103,10 +118,71 @@ def encode_bitmap(bitmap: BitMap) -> bytes:
     return _frame(_BITMAP_MAGIC, bitmap.serialize())
 
 
-def load_bitmap(path: Path) -> BitMap:
-    """Read and verify a bitmap file (FileNotFoundError when there is none)."""
-    payload = _unframe(_BITMAP_MAGIC, path.read_bytes(), path)
+def decode_bitmap(data: bytes, what: object) -> BitMap:
+    """Verify and decode a bitmap file's content (*what* names it in errors)."""
+    payload = _unframe(_BITMAP_MAGIC, data, what)
     try:
         return BitMap.deserialize(payload)
     except Exception as err:  # pyroaring raises ValueError or its own errors
-        raise CorruptStateError(f"{path}: cannot decode bitmap: {err}") from err
+        raise CorruptStateError(f"{what}: cannot decode bitmap: {err}") from err
+
+
+def load_bitmap(path: Path) -> BitMap:
+    """Read and verify a bitmap file (FileNotFoundError when there is none)."""
+    return decode_bitmap(path.read_bytes(), path)
+
+
+_CATALOG_MAGIC = b"RFSC"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogRecord:
+    """What the origin last said about one URL, and when (seconds since the epoch)."""
+
+    remote: RemoteMeta
+    validated_at: float
+
+
+def encode_catalog(records: Iterable[CatalogRecord]) -> bytes:
+    """The catalog file's content: one compact JSON row per URL, checksummed."""
+    rows = [
+        [
+            r.remote.url,
+            r.remote.size,
+            r.remote.etag,
+            r.remote.last_modified,
+            r.remote.content_type,
+            r.remote.accepts_ranges,
+            round(r.validated_at, 3),
+        ]
+        for r in records
+    ]
+    payload = json.dumps({"rows": rows}, separators=(",", ":")).encode()
+    return _frame(_CATALOG_MAGIC, payload)
+
+
+def decode_catalog(data: bytes, what: object) -> dict[str, CatalogRecord]:
+    """Verify and decode a catalog; rows that do not make sense are skipped."""
+    payload = _unframe(_CATALOG_MAGIC, data, what)
+    try:
+        rows = json.loads(payload)["rows"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise CorruptStateError(f"{what}: cannot decode the catalog: {err}") from err
+    records: dict[str, CatalogRecord] = {}
+    for row in rows if isinstance(rows, list) else ():
+        try:
+            url, size, etag, modified, ctype, ranges, validated = row
+            if not isinstance(url, str) or not isinstance(size, int) or size < 0:
+                continue
+            remote = RemoteMeta(
+                url=url,
+                size=size,
+                etag=etag if isinstance(etag, str) else None,
+                last_modified=modified if isinstance(modified, str) else None,
+                content_type=ctype if isinstance(ctype, str) else None,
+                accepts_ranges=bool(ranges),
+            )
+            records[url] = CatalogRecord(remote, float(validated))
+        except (ValueError, TypeError):
+            continue
+    return records

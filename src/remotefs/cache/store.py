@@ -1,17 +1,26 @@
-"""The cache directory: one lock for one daemon, one sub-directory per URL.
+"""The cache directory: one lock for one daemon, one sub-directory per URL, one catalog.
 
 Layout (everything 0600 in 0700 directories, because cached bytes of private URLs are as
 private as the URLs)::
 
     CACHE_DIR/
       lock                      flock'ed by the running daemon; holds its pid
+      catalog                   what each listed URL's origin said last (size, validators),
+                                so a remount lists every file at once (checksummed)
       files/<sha256(url)>/meta   CacheMeta (checksummed)
       files/<sha256(url)>/bitmap present blocks (checksummed roaring bitmap)
       files/<sha256(url)>/data   sparse file of the remote size
 
-Entries are keyed by the URL as written in urls.txt, so renaming a PATH keeps the cache and
-two PATHs never share one. An entry whose stored version (size, ETag, Last-Modified) differs
-from a fresh probe is discarded: its bytes belong to another version of the file.
+Entries are keyed by the URL as written in urls.txt, so renaming a PATH keeps the cache, and a
+URL listed at several paths has one entry. An entry exists on disk only once a block of it was
+stored. An entry whose stored version (size, ETag, Last-Modified) differs from a fresh probe
+is discarded: its bytes belong to another version of the file.
+
+The directory is trusted only if the daemon's user owns it (`safe_fs.check_private_dir`), and
+everything in it is opened relative to a directory descriptor with ``O_NOFOLLOW``: a planted
+symlink is never followed. A symlink found where an entry or one of its files should be is
+removed (the link, never its target) and the entry starts afresh. An entry that cannot be read
+for any other reason (EMFILE, EIO, EACCES) is reported, never taken for damage and deleted.
 """
 
 from __future__ import annotations
@@ -22,49 +31,102 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import time
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyroaring import BitMap
 
 from ..http.source import RemoteMeta
 from ..redact import redact_url
+from . import safe_fs
 from .cached_file import BITMAP_NAME, DATA_NAME, META_NAME, CachedFile
-from .state_files import CacheMeta, CorruptStateError, load_bitmap, load_meta, save_meta
+from .fd_cache import FdCache
+from .gaps import runs
+from .state_files import (
+    CacheMeta,
+    CatalogRecord,
+    CorruptStateError,
+    decode_bitmap,
+    decode_catalog,
+    decode_meta,
+    encode_catalog,
+    encode_meta,
+)
 
 log = logging.getLogger(__name__)
 
+CATALOG_NAME = "catalog"
+LOCK_NAME = "lock"
+FILES_NAME = "files"
+
 
 class CacheDirError(Exception):
-    """The cache directory cannot be used (unwritable, or in use by another daemon)."""
+    """The cache directory cannot be used (unsafe, unwritable, or in use by another daemon)."""
+
+
+class EntryUnavailableError(OSError):
+    """A cache entry exists but cannot be read now (not damage: nothing is deleted)."""
+
+
+@dataclass(slots=True)
+class StoredEntry:
+    """What an earlier run left for one URL."""
+
+    meta: CacheMeta
+    bitmap: BitMap
+    #: False when the entry was damaged and removed: only its metadata is left (the size).
+    on_disk: bool
+
+
+#: `CacheStore.attach`'s default: read the stored entry itself.
+_LOAD = object()
 
 
 class CacheStore:
     """Owns the cache directory for the lifetime of one daemon."""
 
-    def __init__(self, root: Path, block_size: int) -> None:
+    def __init__(self, root: Path, block_size: int, fd_capacity: int = 256) -> None:
         self.root = root
         self.block_size = block_size
+        self.fds = FdCache(fd_capacity)
         self._lock_fd = -1
+        self._root_fd = -1
+        self._files_fd = -1
+        #: Names of the entry directories that exist (read once at open, kept up to date).
+        self._keys: set[str] = set()
+        #: Sizes known to fit on the cache filesystem, and the smallest known not to.
+        self._fits_up_to = 0
+        self._too_large_from: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self, wait: float = 5.0) -> None:
-        """Create the directory if needed and take its lock.
+        """Check the directory is safe, create it if needed and take its lock.
 
         Waits up to *wait* seconds for the lock, because a daemon that was just unmounted may
         still be saving its state; after that, the directory is reported as in use.
         """
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            (self.root / "files").mkdir(mode=0o700, exist_ok=True)
-            lock_path = self.root / "lock"
-            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            safe_fs.check_private_dir(self.root)
+        except safe_fs.UnsafePathError as err:
+            raise CacheDirError(f"refusing the {err.strerror}") from None
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            self._root_fd = safe_fs.open_dir(os.path.realpath(self.root))
         except OSError as err:
             raise CacheDirError(
-                f"cache directory {self.root} is not usable: {err.strerror}"
-            ) from err
+                f"cache directory {self.root} is not usable: {err.strerror or err}"
+            ) from None
+        try:
+            self._lock_fd = safe_fs.open_file(
+                LOCK_NAME, os.O_RDWR | os.O_CREAT, dir_fd=self._root_fd
+            )
+        except OSError as err:
+            self.close()
+            raise CacheDirError(_unusable(self.root / LOCK_NAME, err)) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -75,8 +137,7 @@ class CacheStore:
                     raise
                 if time.monotonic() >= deadline:
                     holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
-                    os.close(self._lock_fd)
-                    self._lock_fd = -1
+                    self.close()
                     raise CacheDirError(
                         f"cache directory {self.root} is in use by another remotefs daemon"
                         f" (pid {holder or 'unknown'}); unmount it first or use --cache-dir"
@@ -84,176 +145,350 @@ class CacheStore:
                 time.sleep(0.1)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
-        self._check_writable()
+        try:
+            self._files_fd = safe_fs.open_dir(FILES_NAME, dir_fd=self._root_fd, create=True)
+            self._keys = {name for name in os.listdir(self._files_fd) if not name.startswith(".")}
+            self._check_writable()
+        except OSError as err:
+            self.close()
+            raise CacheDirError(_unusable(self.root / FILES_NAME, err)) from None
 
     def _check_writable(self) -> None:
-        probe = self.root / "files" / ".write-test"
+        name = ".write-test"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self._files_fd)
+        fd = safe_fs.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, dir_fd=self._files_fd)
         try:
-            with open(probe, "wb") as handle:
-                handle.write(b"x")
-            probe.unlink()
-        except OSError as err:
-            raise CacheDirError(
-                f"cache directory {self.root} is not writable: {err.strerror}"
-            ) from err
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(name, dir_fd=self._files_fd)
 
     def close(self) -> None:
-        """Release the lock (state must have been saved by then)."""
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        """Release the lock and the directories (state must have been saved by then)."""
+        self.fds.close_all()
+        for attribute in ("_files_fd", "_root_fd", "_lock_fd"):
+            fd = getattr(self, attribute)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attribute, -1)
 
     # -- entries -----------------------------------------------------------------------------
 
-    def entry_dir(self, url: str) -> Path:
-        """The directory holding *url*'s cache entry."""
-        return self.root / "files" / hashlib.sha256(url.encode()).hexdigest()[:40]
+    @staticmethod
+    def key(url: str) -> str:
+        """The name of *url*'s entry directory."""
+        return hashlib.sha256(url.encode()).hexdigest()[:40]
 
-    def known_meta(self, url: str) -> CacheMeta | None:
-        """The metadata stored by an earlier run, or None (missing or corrupt)."""
+    def entry_dir(self, url: str) -> Path:
+        """The directory holding *url*'s cache entry (for messages and tests)."""
+        return self.entry_path(self.key(url))
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / FILES_NAME / key
+
+    @contextlib.contextmanager
+    def opened_entry(self, key: str, *, create: bool = False) -> Iterator[int]:
+        """A descriptor of entry directory *key* (created if *create*), never via a link."""
         try:
-            return load_meta(self.entry_dir(url) / META_NAME)
+            fd = safe_fs.open_dir(key, dir_fd=self._files_fd, create=create)
+        except safe_fs.UnsafePathError:
+            if not create:
+                raise
+            log.warning("%s was not a directory; replaced", self.entry_path(key))
+            safe_fs.remove_entry(key, dir_fd=self._files_fd)
+            fd = safe_fs.open_dir(key, dir_fd=self._files_fd, create=True)
+        self._keys.add(key)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def has_entry(self, url: str) -> bool:
+        """True when *url* has an entry directory (it may still turn out empty or damaged)."""
+        return self.key(url) in self._keys
+
+    def stored_meta(self, url: str) -> CacheMeta | None:
+        """The metadata stored by an earlier run, or None (none, or damaged: reset).
+
+        Raises `EntryUnavailableError` when the entry exists but cannot be read now.
+        """
+        key = self.key(url)
+        if key not in self._keys:
+            return None
+        try:
+            with self.opened_entry(key) as entry:
+                data = safe_fs.read_file(META_NAME, dir_fd=entry)
+            meta = decode_meta(data, self.entry_path(key) / META_NAME)
         except FileNotFoundError:
             return None
-        except (CorruptStateError, OSError) as err:
-            log.warning("cache of %s is damaged (%s); it will be reset", redact_url(url), err)
+        except (CorruptStateError, safe_fs.UnsafePathError) as err:
+            log.warning("cache of %s is damaged (%s); it is reset", redact_url(url), err)
+            self._discard(key)
             return None
+        except OSError as err:
+            raise EntryUnavailableError(
+                err.errno, f"cannot read the cache entry of {redact_url(url)}: {err.strerror}"
+            ) from None
+        if meta.url != url:
+            log.warning("cache entry of %s belongs to another URL; it is reset", redact_url(url))
+            self._discard(key)
+            return None
+        return meta
 
-    def attach(self, url: str, remote: RemoteMeta | None, name: str) -> CachedFile | None:
-        """Open the cache entry of *url* for the version *remote* describes.
+    def _discard(self, key: str) -> None:
+        """Remove an entry directory (links in it are removed, never followed)."""
+        with contextlib.suppress(FileNotFoundError):
+            safe_fs.remove_entry(key, dir_fd=self._files_fd)
+        self._keys.discard(key)
 
-        With *remote* None (the origin could not be probed) an existing entry is opened as it
-        is, so its cached bytes stay readable offline; without one, None is returned.
+    def load_entry(self, url: str) -> StoredEntry | None:
+        """What an earlier run stored for *url*: metadata and bitmap; None when nothing.
+
+        A damaged entry is removed, and then only its metadata (if readable) comes back, as a
+        StoredEntry that is not on disk. Raises `EntryUnavailableError` when the entry exists
+        but cannot be read now. Touches only this entry: safe to run in a worker thread while
+        nothing else uses the store.
         """
-        directory = self.entry_dir(url)
-        stored = self.known_meta(url)
-        if remote is None:
-            if stored is None:
-                return None
-            return self._open_entry(directory, stored, name)
-        if stored is not None and not stored.remote().same_version(remote):
+        meta = self.stored_meta(url)
+        if meta is None:
+            return None
+        key = self.key(url)
+        bitmap = self._load_bitmap(key, meta, redact_url(url))
+        if bitmap is None:
+            self._discard(key)
+            return StoredEntry(replace(meta, complete=False), BitMap(), on_disk=False)
+        return StoredEntry(meta, bitmap, on_disk=True)
+
+    def attach(
+        self, url: str, remote: RemoteMeta, name: str, stored: StoredEntry | object | None = _LOAD
+    ) -> CachedFile:
+        """The cache entry of *url* for the version *remote* describes (fresh if it differs).
+
+        *stored* is what `load_entry` gave, when the caller has it already. Raises
+        `EntryUnavailableError` when the stored entry cannot be read now.
+        """
+        entry = self.load_entry(url) if stored is _LOAD else stored
+        assert entry is None or isinstance(entry, StoredEntry)
+        if entry is not None and not entry.meta.remote().same_version(remote):
             log.warning(
                 "%s: the remote file changed since it was cached (size %d -> %d);"
                 " discarding its cached blocks",
                 name,
-                stored.size,
+                entry.meta.size,
                 remote.size,
             )
-            stored = None
-        if stored is None:
-            # An empty file is complete from the start: there is no block to wait for.
-            fresh = replace(
-                CacheMeta.from_remote(remote, self.block_size), complete=remote.size == 0
-            )
-            return self._create_entry(directory, fresh, name)
-        if stored.block_size != self.block_size:
-            return self._rebase_entry(directory, stored, remote, name)
+            self._discard(self.key(url))
+            entry = None
+        if entry is None:
+            return self.new_entry(url, remote, name)
+        if entry.meta.block_size != self.block_size:
+            return self._rebase_entry(entry, remote, name)
         # Same version: keep the blocks, but refresh what the probe says beyond validators
         # (a server that learned Range, a corrected Content-Type).
         refreshed = replace(
-            stored, content_type=remote.content_type, accepts_ranges=remote.accepts_ranges
+            entry.meta, content_type=remote.content_type, accepts_ranges=remote.accepts_ranges
         )
-        if refreshed != stored:
-            save_meta(directory / META_NAME, refreshed)
-        return self._open_entry(directory, refreshed, name)
+        if refreshed != entry.meta and entry.on_disk:
+            with self.opened_entry(self.key(url)) as directory:
+                safe_fs.atomic_write(META_NAME, encode_meta(refreshed), dir_fd=directory)
+        return self._from_stored(url, StoredEntry(refreshed, entry.bitmap, entry.on_disk), name)
+
+    def attach_stored(self, url: str, name: str, stored: StoredEntry) -> CachedFile:
+        """The entry of *url* as an earlier run left it (the origin was not asked)."""
+        if stored.meta.block_size != self.block_size:
+            return self._rebase_entry(stored, stored.meta.remote(), name)
+        return self._from_stored(url, stored, name)
+
+    def new_entry(self, url: str, remote: RemoteMeta, name: str) -> CachedFile:
+        """An empty entry for *remote*, created on disk with its first block."""
+        # An empty file is complete from the start: there is no block to wait for.
+        meta = replace(CacheMeta.from_remote(remote, self.block_size), complete=remote.size == 0)
+        return CachedFile(
+            self,
+            self.key(url),
+            meta,
+            BitMap(),
+            name,
+            on_disk=False,
+            uncached_reason=self._uncached_reason(remote.size),
+        )
+
+    def unusable_entry(self, url: str, remote: RemoteMeta, name: str, why: str) -> CachedFile:
+        """An entry for *remote* that never touches the disk: reads go to the network.
+
+        For a URL whose entry exists but cannot be read now: its data is left alone.
+        """
+        meta = CacheMeta.from_remote(remote, self.block_size)
+        return CachedFile(
+            self, self.key(url), meta, BitMap(), name, on_disk=False, uncached_reason=why
+        )
 
     async def replace(self, old: CachedFile, remote: RemoteMeta) -> CachedFile:
         """Discard *old* (the origin's file changed) and start an empty entry for *remote*."""
         await old.retire()
-        fresh = CacheMeta.from_remote(remote, self.block_size)
-        cached = self._create_entry(
-            old.directory, replace(fresh, complete=remote.size == 0), old.name
-        )
+        self._discard(old.key)
+        cached = self.new_entry(remote.url, remote, old.name)
         cached.stats = old.stats  # origin bytes count for the whole session
         cached.stats.last_error = None
         return cached
 
-    def adopt_download(self, url: str, remote: RemoteMeta, data: Path, name: str) -> CachedFile:
+    def adopt_download(self, url: str, remote: RemoteMeta, part: str, name: str) -> CachedFile:
         """Turn a finished whole-file download (of a file of unknown size) into a complete entry.
 
-        *data* is a file in the entry's directory holding every byte; *remote* has its size.
+        *part* names a file in the entry's directory holding every byte; *remote* has its size.
         """
-        directory = self.entry_dir(url)
         meta = replace(CacheMeta.from_remote(remote, self.block_size), complete=True)
-        with contextlib.suppress(FileNotFoundError):
-            (directory / BITMAP_NAME).unlink()
-        os.replace(data, directory / DATA_NAME)
+        key = self.key(url)
+        with self.opened_entry(key, create=True) as entry:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(BITMAP_NAME, dir_fd=entry)
+            os.replace(part, DATA_NAME, src_dir_fd=entry, dst_dir_fd=entry)
+            safe_fs.atomic_write(META_NAME, encode_meta(meta), dir_fd=entry)
         bitmap = BitMap()
         bitmap.add_range(0, -(-remote.size // self.block_size))
-        save_meta(directory / META_NAME, meta)
-        cached = CachedFile(directory, meta, bitmap, name)
+        cached = CachedFile(self, key, meta, bitmap, name, on_disk=True)
         cached.mark_dirty()
         return cached
 
-    def _create_entry(self, directory: Path, meta: CacheMeta, name: str) -> CachedFile:
-        """Start an empty entry: bitmap gone first, so no stale claim can survive a crash."""
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            (directory / BITMAP_NAME).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (directory / DATA_NAME).unlink()
-        save_meta(directory / META_NAME, meta)
-        return CachedFile(directory, meta, BitMap(), name)
+    def _from_stored(self, url: str, stored: StoredEntry, name: str) -> CachedFile:
+        if not stored.on_disk:
+            return self.new_entry(url, stored.meta.remote(), name)
+        return CachedFile(
+            self,
+            self.key(url),
+            stored.meta,
+            stored.bitmap,
+            name,
+            on_disk=True,
+            uncached_reason=None if stored.bitmap else self._uncached_reason(stored.meta.size),
+        )
 
-    def _open_entry(self, directory: Path, meta: CacheMeta, name: str) -> CachedFile:
-        bitmap = self._load_bitmap(directory, meta, name)
-        if bitmap is None:
-            return self._create_entry(directory, replace(meta, complete=False), name)
-        return CachedFile(directory, meta, bitmap, name)
-
-    def _load_bitmap(self, directory: Path, meta: CacheMeta, name: str) -> BitMap | None:
+    def _load_bitmap(self, key: str, meta: CacheMeta, name: str) -> BitMap | None:
         """The stored bitmap, an empty one when none was saved, or None when it is unusable."""
         nblocks = -(-meta.size // meta.block_size)
+        path = self.entry_path(key)
         try:
-            bitmap = load_bitmap(directory / BITMAP_NAME)
-        except FileNotFoundError:
-            return BitMap()
-        except (CorruptStateError, OSError) as err:
+            with self.opened_entry(key) as entry:
+                try:
+                    bitmap = decode_bitmap(safe_fs.read_file(BITMAP_NAME, dir_fd=entry), path)
+                except FileNotFoundError:
+                    return BitMap()
+                if not bitmap:
+                    return bitmap
+                try:
+                    info = os.stat(DATA_NAME, dir_fd=entry, follow_symlinks=False)
+                except FileNotFoundError:
+                    info = None
+        except (CorruptStateError, safe_fs.UnsafePathError) as err:
             log.warning("%s: cache bitmap is damaged (%s); resetting this file's cache", name, err)
             return None
-        if bitmap and bitmap.max() >= nblocks:
+        except OSError as err:
+            raise EntryUnavailableError(
+                err.errno, f"{name}: cannot read its cache entry: {err.strerror}"
+            ) from None
+        if bitmap.max() >= nblocks:
             log.warning("%s: cache bitmap claims blocks past the end; resetting", name)
             return None
-        data = directory / DATA_NAME
-        if bitmap and (not data.exists() or data.stat().st_size != meta.size):
+        if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             log.warning("%s: cache data file is missing or has the wrong size; resetting", name)
             return None
         return bitmap
 
-    def _rebase_entry(
-        self, directory: Path, stored: CacheMeta, remote: RemoteMeta, name: str
-    ) -> CachedFile:
+    def _rebase_entry(self, stored: StoredEntry, remote: RemoteMeta, name: str) -> CachedFile:
         """Reuse an entry cached with another block size: keep every fully covered new block."""
-        old = self._load_bitmap(directory, stored, name) or BitMap()
-        new = convert_bitmap(old, stored.block_size, self.block_size, stored.size)
+        old = stored.meta
+        key = self.key(old.url)
+        new = convert_bitmap(stored.bitmap, old.block_size, self.block_size, old.size)
         meta = CacheMeta.from_remote(remote, self.block_size)
-        with contextlib.suppress(FileNotFoundError):
-            (directory / BITMAP_NAME).unlink()
-        save_meta(directory / META_NAME, meta)
-        cached = CachedFile(directory, meta, new, name)
+        if not stored.on_disk:
+            return self.new_entry(old.url, remote, name)
+        with self.opened_entry(key, create=True) as entry:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(BITMAP_NAME, dir_fd=entry)
+            safe_fs.atomic_write(META_NAME, encode_meta(meta), dir_fd=entry)
+        cached = CachedFile(self, key, meta, new, name, on_disk=True)
         cached.mark_dirty()
         log.info(
             "%s: cache converted from %d to %d byte blocks",
             name,
-            stored.block_size,
+            old.block_size,
             self.block_size,
         )
         return cached
 
+    # -- what the cache filesystem can hold ----------------------------------------------------
+
+    def _uncached_reason(self, size: int) -> str | None:
+        """Why a file of *size* bytes cannot be cached here, or None when it can."""
+        if size <= self._fits_up_to:
+            return None
+        if self._too_large_from is not None and size >= self._too_large_from:
+            return "the cache filesystem cannot hold a file this large"
+        if size < 1 << 40:  # every filesystem a cache lives on holds 1 TiB files
+            self._fits_up_to = max(self._fits_up_to, size)
+            return None
+        name = ".size-test"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._files_fd)
+            fd = safe_fs.open_file(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, dir_fd=self._files_fd)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+                os.unlink(name, dir_fd=self._files_fd)
+        except OSError as err:
+            if err.errno in (errno.EFBIG, errno.EINVAL, errno.EOVERFLOW):
+                self._too_large_from = min(self._too_large_from or size, size)
+                return f"the cache filesystem cannot hold a file this large ({err.strerror})"
+            return None  # not a size limit: the first write will tell
+        self._fits_up_to = size
+        return None
+
+    # -- the catalog ---------------------------------------------------------------------------
+
+    def load_catalog(self) -> dict[str, CatalogRecord]:
+        """What the origins said about each URL at the last save (empty when unusable)."""
+        try:
+            data = safe_fs.read_file(CATALOG_NAME, dir_fd=self._root_fd)
+            return decode_catalog(data, self.root / CATALOG_NAME)
+        except FileNotFoundError:
+            return {}
+        except (CorruptStateError, OSError) as err:
+            log.warning("the catalog of the cache is unusable (%s); every URL is probed", err)
+            return {}
+
+    def save_catalog(self, records: Iterable[CatalogRecord]) -> None:
+        """Replace the catalog atomically (may run in a worker thread)."""
+        safe_fs.atomic_write(CATALOG_NAME, encode_catalog(records), dir_fd=self._root_fd)
+
+
+def _unusable(path: Path, err: OSError) -> str:
+    if isinstance(err, safe_fs.UnsafePathError):
+        return (
+            f"refusing the cache directory: {path}: {err.strerror}; remove it"
+            " (remotefs never follows links in its cache directory)"
+        )
+    return f"cache directory: {path}: {err.strerror or err}"
+
 
 def convert_bitmap(old: BitMap, old_size: int, new_size: int, file_size: int) -> BitMap:
-    """Map a bitmap of *old_size* blocks to *new_size* blocks, keeping only whole blocks."""
+    """Map a bitmap of *old_size* blocks to *new_size* blocks, keeping only whole blocks.
+
+    Works run by run, so its cost follows the number of runs, not of blocks.
+    """
     new = BitMap()
     new_nblocks = -(-file_size // new_size)
-    if new_size >= old_size:
-        ratio = new_size // old_size
-        old_nblocks = -(-file_size // old_size)
-        for block in range(new_nblocks):
-            first = block * ratio
-            if old.contains_range(first, min(first + ratio, old_nblocks)):
-                new.add(block)
-    else:
-        ratio = old_size // new_size
-        for block in old:
-            new.add_range(block * ratio, min((block + 1) * ratio, new_nblocks))
+    if not old:
+        return new
+    for first, end in runs(old, old.min(), old.max() + 1):
+        start_byte, end_byte = first * old_size, min(end * old_size, file_size)
+        if new_size >= old_size:
+            new_first = -(-start_byte // new_size)
+            new_end = new_nblocks if end_byte >= file_size else end_byte // new_size
+        else:
+            new_first, new_end = start_byte // new_size, -(-end_byte // new_size)
+        if new_first < new_end:
+            new.add_range(new_first, min(new_end, new_nblocks))
     return new

@@ -23,8 +23,10 @@ message therefore goes through :func:`remotefs.redact.redact_url` first.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -111,11 +113,41 @@ def load_manifest(path: str | os.PathLike[str]) -> list[ManifestEntry]:
     """
     source = str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path)
     except OSError as exc:
         raise ManifestError(source, None, f"cannot read: {exc.strerror or exc}") from exc
     return parse_manifest_bytes(data, source)
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of *path*, which must be a regular file; anything else is refused at once.
+
+    A FIFO would block the reader until something writes to it (``remotefs mount`` hung
+    forever on one), and a device never ends: both get an OSError that says what they are.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = (
+                "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a directory"
+                if stat.S_ISDIR(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket"
+                if stat.S_ISSOCK(mode)
+                else "not a regular file"
+            )
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file (give a text file)")
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def parse_manifest_bytes(data: bytes, source: str) -> list[ManifestEntry]:
@@ -211,10 +243,13 @@ def parse_header(text: str) -> tuple[str, str]:
         raise _LineError(f"malformed header line: {shown!r} is not a valid header name")
     if any(_is_control(ch) and ch != "\t" for ch in value):
         raise _LineError(f"header {name!r}: the value contains control characters")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise _LineError(f"header {name!r}: the value is not ASCII/Latin-1") from None
+    if not value.isascii():
+        # RFC 9110 §5.5: field values are visible ASCII; bytes above 0x7F have no agreed
+        # meaning (Latin-1? UTF-8?), and httpx cannot send them at all.
+        raise _LineError(
+            f"header {name!r}: the value has non-ASCII characters; HTTP header values must be"
+            " ASCII (percent-encode or base64 the value)"
+        )
     if name.lower() in RESERVED_HEADERS:
         raise _LineError(f"header {name!r} is set by remotefs itself and cannot be given")
     return name, value
@@ -251,8 +286,7 @@ def parse_header_lines(lines: Iterable[str], source: str) -> Headers:
 def load_header_file(path: str | os.PathLike[str]) -> Headers:
     """Read a ``--header-file``; errors name the file and line, never a value."""
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+        text = read_regular_file(path).decode("utf-8")
     except OSError as exc:
         raise HeaderError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError:

@@ -1,9 +1,11 @@
 """Run the daemon in the background, returning to the shell only once the mount answers.
 
 The classic fork-and-exit returns before the filesystem is usable, so `remotefs mount ...;
-ls /mnt` races. Here the parent waits on a pipe: the child writes ``ready`` after the mount
-answers a stat, or the error that stopped it, and the parent exits 0 or 1 accordingly.
-Forking happens before trio or any thread starts, which is what makes it safe.
+ls /mnt` races. Here the parent waits on a pipe: the child writes progress lines while it
+probes (``progress DONE TOTAL``), then ``ready`` once the mount answers a stat, or
+``error TEXT`` when it fails before that; the parent shows the progress on a terminal and
+exits 0 or 1 accordingly. Forking happens before trio or any thread starts, which is what
+makes it safe.
 """
 
 from __future__ import annotations
@@ -11,72 +13,116 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
-READY = b"ready\n"
+READY = "ready"
+PROGRESS = "progress"
+ERROR = "error"
 
 
-def run_in_background(
-    child: Callable[[Callable[[], None], Callable[[str], None]], int], log_file: Path
-) -> int:
-    """Fork; the child runs ``child(report_ready, report_error)``; return the parent's exit code.
+@dataclass(frozen=True)
+class Reporter:
+    """What the child tells the waiting parent."""
 
-    *child* must call ``report_ready()`` when the mount answers, or ``report_error(text)``
-    when it fails before that. Its return value is the child's exit status.
+    ready: Callable[[], None]
+    error: Callable[[str], None]
+    progress: Callable[[int, int], None]
+
+
+ChildMain = Callable[[Reporter], int]
+
+
+def run_in_background(child: ChildMain, log_fd: int, log_file: str) -> int:
+    """Fork; the child runs ``child(reporter)``; return the parent's exit code.
+
+    *child* must call ``reporter.ready()`` when the mount answers, or ``reporter.error(text)``
+    when it fails before that. Its return value is the child's exit status. *log_fd* is the
+    opened log file: the child's stdout and stderr go there (libfuse writes to them).
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         os.setsid()
-        sent = False
+        done = False
 
-        def report_ready() -> None:
-            nonlocal sent
-            if not sent:
-                sent = True
-                os.write(write_end, READY)
+        def send(line: str) -> None:
+            os.write(write_end, (line.replace("\n", " ")[:4000] + "\n").encode(errors="replace"))
+
+        def ready() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                send(READY)
                 os.close(write_end)
 
-        def report_error(text: str) -> None:
-            nonlocal sent
-            if not sent:
-                sent = True
-                os.write(write_end, text.encode(errors="replace")[:4000])
+        def error(text: str) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                send(f"{ERROR} {text}")
                 os.close(write_end)
+
+        def progress(count: int, total: int) -> None:
+            if not done:
+                send(f"{PROGRESS} {count} {total}")
 
         status = 1
         try:
             # Inside the try: whatever fails, the child must end here, never return into
             # the parent's code.
-            _detach_stdio(log_file)
-            status = child(report_ready, report_error)
+            _detach_stdio(log_fd)
+            status = child(Reporter(ready, error, progress))
         finally:
-            if not sent:
-                report_error("the daemon exited before the mount was ready; see " + str(log_file))
+            if not done:
+                error(f"the daemon exited before the mount was ready; see {log_file}")
             os._exit(status)
     os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 4096):
-        chunks.append(chunk)
-    os.close(read_end)
-    message = b"".join(chunks)
-    if message == READY:
+    os.close(log_fd)
+    return _wait_for_child(read_end, pid, log_file)
+
+
+def _wait_for_child(read_end: int, pid: int, log_file: str) -> int:
+    show = sys.stderr.isatty()
+    shown = False
+    buffer = b""
+    outcome: str | None = None
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while outcome is None and (chunk := pipe.read(65536)):
+            buffer += chunk
+            while b"\n" in buffer:
+                raw, buffer = buffer.split(b"\n", 1)
+                line = raw.decode(errors="replace")
+                if line.startswith(PROGRESS + " "):
+                    if show:
+                        count, _, total = line[len(PROGRESS) + 1 :].partition(" ")
+                        sys.stderr.write(
+                            f"\rremotefs: probed {int(count):,} of {int(total):,} URLs"
+                        )
+                        sys.stderr.flush()
+                        shown = True
+                    continue
+                outcome = line
+                break
+    if shown:
+        sys.stderr.write("\r\x1b[K")
+    if outcome == READY:
         return 0
-    if not message:
+    if outcome is None:
         # The child died without a word (killed): reap it to report its status.
         _, status = os.waitpid(pid, 0)
-        message = f"the daemon died during start-up (status {status}); see {log_file}".encode()
-    sys.stderr.write(f"remotefs: {message.decode(errors='replace').strip()}\n")
+        outcome = f"the daemon died during start-up (status {status}); see {log_file}"
+    elif outcome.startswith(ERROR + " "):
+        outcome = outcome[len(ERROR) + 1 :]
+    sys.stderr.write(f"remotefs: {outcome.strip()}\n")
     return 1
 
 
-def _detach_stdio(log_file: Path) -> None:
+def _detach_stdio(log_fd: int) -> None:
     """Point stdin at /dev/null and stdout/stderr at the log file (libfuse writes there)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)

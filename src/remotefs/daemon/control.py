@@ -7,14 +7,21 @@ the mountpoint.
 
 The protocol is one JSON object per line each way, answered in order on one connection:
 
-``{"cmd": "status"}`` or ``{"cmd": "status", "paths": [...]}``
+``{"cmd": "status"}``, with ``"paths": [...]`` and ``"all": true`` optional
     Per file: path, redacted URL, size, cached_bytes, percent, state (``complete``,
-    ``partial``, ``filling`` while a download or a prefetch runs, ``error`` when the last
-    download failed, with ``error``), rate (bytes/s over the last seconds), origin_bytes (this
-    session) and the outcome of the last prefetch; plus totals. The totals also describe the
-    whole cache, whatever the paths: ``cache_used`` (cached bytes of every file, plus evicted
-    bytes whose disk space is being freed), ``cache_max_size`` (``0``: no cap) and
-    ``evicted_bytes`` (evicted under the cap this session).
+    ``partial``, ``filling`` while a download or a prefetch runs, ``uncached`` when the cache
+    cannot hold it, ``error`` when the last download failed, with ``error``), note (why a file
+    is fetched as it is: the origin ignores Range, or it is served uncached), rate (bytes/s
+    over the last seconds), origin_bytes (this session) and the outcome of the last prefetch;
+    plus totals and a count of files per state. With more than `SUMMARY_THRESHOLD` files and
+    without ``all``, ``files`` holds only the `SUMMARY_ROWS` files that matter most (errors,
+    downloads in progress, then the largest partial ones) and ``hidden`` says how many more
+    there are. The totals also describe the whole cache, whatever the paths: ``cache_used``
+    (cached bytes of every file, plus evicted bytes whose disk space is being freed),
+    ``cache_max_size`` (``0``: no cap) and ``evicted_bytes`` (evicted under the cap this
+    session). ``daemon`` holds the daemon's own figures: event-loop stalls, probes, open
+    descriptors, and the free-space reserve with ``paused`` set while background downloads
+    wait for room.
 ``{"cmd": "prefetch", "paths": [...]}``
     Starts downloading the files completely, through the fetcher's single-flight path and
     not paused by foreground reads, and answers at once; the client polls ``status``.
@@ -23,12 +30,15 @@ The protocol is one JSON object per line each way, answered in order on one conn
     Drops the files' cached blocks (refused while one is open or downloading).
 ``{"cmd": "reload"}``
     Reads urls.txt again, as SIGHUP does, and answers once the namespace matches it:
-    ``added``, ``removed``, ``changed`` (same path, new URL), ``updated`` (same line, the origin
-    serves another version), ``files`` and ``urls`` (the file read). A broken file changes
-    nothing; its error (``file:line: reason``) is the answer's ``error``.
+    ``added`` (new paths, listed now), ``removed``, ``changed`` (same path, new URL),
+    ``pending`` (new paths not listed yet: their URL did not answer; tried again),
+    ``revalidating`` (unchanged URLs being confirmed with their origins in the background),
+    ``files`` and ``urls`` (the file read). A broken file changes nothing; its error
+    (``file:line: reason``) is the answer's ``error``.
 
 A path is relative to the mount root; a directory (``""`` for the root) selects every file
-under it. Every answer is ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
+under it. Files are found by their path in the mount, whatever URL they share with others.
+Every answer is ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
 Answers carry only redacted URLs.
 """
 
@@ -40,15 +50,16 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
 from ..cache.cached_file import CachedFile, FileRetiredError
+from ..cache.disk_space import FreeSpaceReserve
 from ..cache.fetcher import BlockFetcher, ReadError
-from ..cache.filler import gaps_largest_first
+from ..cache.gaps import gaps_largest_first
 from ..config.manifest import ManifestError
 from ..config.options import MiB
 from ..fuse.ops import RemoteFsOperations
@@ -66,6 +77,9 @@ MAX_LINE = 4 * MiB
 _MAX_UNIX_PATH = 107
 #: How long an eviction waits for open handles to be released and downloads to end.
 EVICT_GRACE = 2.0
+#: Above this many files, `status` answers with a summary unless asked for every row.
+SUMMARY_THRESHOLD = 100
+SUMMARY_ROWS = 20
 #: Concurrent requests of one file's prefetch, and the size of each.
 PREFETCH_WORKERS = 4
 PREFETCH_CHUNK = 4 * MiB
@@ -104,6 +118,8 @@ class PrefetchJob:
     file: CachedFile
     state: str = "running"
     error: str | None = None
+    #: Why the job waits (the cache filesystem is at its free-space reserve), or None.
+    paused: str | None = None
 
 
 class ControlServer:
@@ -118,6 +134,9 @@ class ControlServer:
         mountpoint: Path,
         invalidate: Callable[[int], None],
         reload: Callable[[], Awaitable[ReloadResult]] | None = None,
+        *,
+        extras: Callable[[], dict[str, Any]] | None = None,
+        reserve: FreeSpaceReserve | None = None,
     ) -> None:
         self._tree = tree
         self._fetcher = fetcher
@@ -126,7 +145,9 @@ class ControlServer:
         self._mountpoint = mountpoint
         self._invalidate = invalidate
         self._reload = reload
-        self._jobs: dict[str, PrefetchJob] = {}  # by file path
+        self._extras = extras
+        self._reserve = reserve
+        self._jobs: dict[CachedFile, PrefetchJob] = {}
         self._nursery: trio.Nursery | None = None
 
     # -- serving -------------------------------------------------------------------------------
@@ -224,7 +245,7 @@ class ControlServer:
                 raise ControlError("'paths' must be a list of strings")
             command = request.get("cmd")
             if command == "status":
-                return self.status(paths)
+                return self.status(paths, every=bool(request.get("all")))
             if command == "prefetch":
                 return self.prefetch(paths)
             if command == "evict":
@@ -242,49 +263,83 @@ class ControlServer:
 
     # -- selecting files -----------------------------------------------------------------------
 
-    def _select(self, paths: list[str] | None) -> list[FileNode]:
-        """The files *paths* name (every file when None), sorted by path."""
-        nodes = sorted(self._tree.files(), key=lambda node: node.cached.name)
+    def _select(self, paths: list[str] | None) -> list[tuple[str, FileNode]]:
+        """(path, node) of the files *paths* name (every file when None), sorted by path."""
+        tree = self._tree
         if paths is None:
-            return nodes
-        chosen: dict[int, FileNode] = {}
-        for raw in paths:
-            path = raw.strip("/")
-            path = "" if path == "." else path
-            matched = [
-                node
-                for node in nodes
-                if not path or node.cached.name == path or node.cached.name.startswith(path + "/")
-            ]
-            if not matched:
-                raise ControlError(f"{raw}: no such file in the mount")
-            chosen.update((node.inode, node) for node in matched)
-        return sorted(chosen.values(), key=lambda node: node.cached.name)
+            chosen = {node.inode: node for node in tree.files()}
+        else:
+            chosen = {}
+            for raw in paths:
+                path = raw.strip("/")
+                parts = () if path in ("", ".") else tuple(path.split("/"))
+                node = tree.find(parts)
+                if node is None:
+                    raise ControlError(f"{raw}: no such file in the mount")
+                chosen.update((found.inode, found) for found in tree.files_under(node))
+        return sorted((tree.path_of(node), node) for node in chosen.values())
 
     # -- status --------------------------------------------------------------------------------
 
-    def status(self, paths: list[str] | None = None) -> dict[str, Any]:
-        """Figures of the selected files (all by default) and their totals."""
-        files = [self._file_status(node.cached) for node in self._select(paths)]
-        size = sum(f["size"] for f in files)
-        cached = sum(f["cached_bytes"] for f in files)
-        return {
+    def status(self, paths: list[str] | None = None, *, every: bool = False) -> dict[str, Any]:
+        """Figures of the selected files (all by default) and their totals.
+
+        A big selection is summarised (see the module docstring) unless *every*.
+        """
+        selected = self._select(paths)
+        states: dict[str, int] = {}
+        size = cached = rate = origin = 0
+        rows: list[dict[str, Any]] = []
+        summarise = len(selected) > SUMMARY_THRESHOLD and not every
+        for path, node in selected:
+            file = node.cached
+            state, _ = self._state(file)
+            states[state] = states.get(state, 0) + 1
+            size += file.size
+            cached += file.cached_bytes
+            if file._stats is not None:
+                rate += round(file.stats.rate())
+                origin += file.stats.origin_bytes
+            if not summarise:
+                rows.append(self._file_status(path, file))
+        if summarise:
+            rows = [self._file_status(path, node.cached) for path, node in self._notable(selected)]
+        answer: dict[str, Any] = {
             "ok": True,
             "version": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "mountpoint": str(self._mountpoint),
-            "files": files,
+            "files": rows,
+            "hidden": len(selected) - len(rows),
             "totals": {
-                "files": len(files),
-                "complete": sum(1 for f in files if f["state"] == "complete"),
+                "files": len(selected),
+                "complete": states.get("complete", 0),
+                "states": states,
                 "size": size,
                 "cached_bytes": cached,
                 "percent": _percent(cached, size),
-                "rate": sum(f["rate"] for f in files),
-                "origin_bytes": sum(f["origin_bytes"] for f in files),
+                "rate": rate,
+                "origin_bytes": origin,
                 **self._cache_totals(),
             },
         }
+        daemon = dict(self._extras()) if self._extras is not None else {}
+        if self._reserve is not None:
+            daemon["reserve"] = asdict(self._reserve.statistics())
+        answer["daemon"] = daemon
+        return answer
+
+    def _notable(self, selected: list[tuple[str, FileNode]]) -> list[tuple[str, FileNode]]:
+        """The `SUMMARY_ROWS` files a person wants to see first, in path order."""
+        order = {"error": 0, "filling": 1, "uncached": 2, "partial": 3, "complete": 4}
+
+        def rank(item: tuple[str, FileNode]) -> tuple[int, int, str]:
+            file = item[1].cached
+            state, _ = self._state(file)
+            return order.get(state, 5), -file.cached_bytes, item[0]
+
+        chosen = sorted(selected, key=rank)[:SUMMARY_ROWS]
+        return sorted(chosen)
 
     def _cache_totals(self) -> dict[str, int]:
         """Usage and cap of the whole cache (every file of the mount)."""
@@ -298,30 +353,44 @@ class ControlServer:
             "evicted_bytes": budget.evicted_bytes,
         }
 
-    def _file_status(self, cached: CachedFile) -> dict[str, Any]:
-        job = self._jobs.get(cached.name)
-        error = cached.stats.last_error
+    def _state(self, cached: CachedFile) -> tuple[str, str | None]:
+        """(state, error) of one file."""
+        job = self._jobs.get(cached)
+        error = cached.stats.last_error if cached._stats is not None else None
         if cached.retired:
-            state, error = "error", "the remote file changed; waiting for the new version"
-        elif cached.complete:
-            state = "complete"
-        elif self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
-            state = "filling"
-        elif error:
-            state = "error"
-        else:
-            state = "partial"
+            return "error", "the remote file changed; waiting for the new version"
+        if cached.complete:
+            return "complete", None
+        if self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
+            return "filling", None
+        if error:
+            return "error", error
+        if not cached.cacheable:
+            return "uncached", None
+        return "partial", None
+
+    def _file_status(self, path: str, cached: CachedFile) -> dict[str, Any]:
+        job = self._jobs.get(cached)
+        state, error = self._state(cached)
+        note = None
+        if not cached.cacheable:
+            note = f"served uncached: {cached.uncached_reason}"
+        elif not cached.remote.accepts_ranges and not cached.complete:
+            note = "the origin ignores Range: the whole file is downloaded once"
         return {
-            "path": cached.name,
+            "path": path,
             "url": redact_url(cached.remote.url),
             "size": cached.size,
             "cached_bytes": cached.cached_bytes,
             "percent": _percent(cached.cached_bytes, cached.size),
             "state": state,
-            "error": error if state == "error" else None,
-            "rate": round(cached.stats.rate()),
-            "origin_bytes": cached.stats.origin_bytes,
-            "prefetch": None if job is None else {"state": job.state, "error": job.error},
+            "error": error,
+            "note": note,
+            "rate": round(cached.stats.rate()) if cached._stats is not None else 0,
+            "origin_bytes": cached.stats.origin_bytes if cached._stats is not None else 0,
+            "prefetch": None
+            if job is None
+            else {"state": job.state, "error": job.error, "paused": job.paused},
         }
 
     # -- prefetch ------------------------------------------------------------------------------
@@ -331,28 +400,33 @@ class ControlServer:
         if not paths:
             raise ControlError("prefetch needs at least one path")
         assert self._nursery is not None
-        nodes = self._select(paths)
+        selected = self._select(paths)
+        files = list(dict.fromkeys(node.cached for _, node in selected))
         budget = self._fetcher.budget
         if budget is not None:
-            total = sum(node.cached.size for node in nodes)
+            total = sum(cached.size for cached in files)
             if total > budget.cap:
                 raise ControlError(
                     f"not prefetched: {total} bytes do not fit the cache cap"
                     f" (--cache-max-size {budget.cap})"
                 )
-        for node in nodes:
-            cached = node.cached
-            job = self._jobs.get(cached.name)
-            if job is not None and job.state == "running" and job.file is cached:
+        for cached in files:
+            job = self._jobs.get(cached)
+            if job is not None and job.state == "running":
                 continue  # already on its way
             cached.no_fill = False
             if cached.complete:
-                self._jobs[cached.name] = PrefetchJob(cached, "done")
+                self._jobs[cached] = PrefetchJob(cached, "done")
+                continue
+            if not cached.cacheable:
+                self._jobs[cached] = PrefetchJob(
+                    cached, "failed", f"not cached: {cached.uncached_reason}"
+                )
                 continue
             job = PrefetchJob(cached)
-            self._jobs[cached.name] = job
+            self._jobs[cached] = job
             self._nursery.start_soon(self._run_prefetch, job)
-        return {"ok": True, "files": [node.cached.name for node in nodes]}
+        return {"ok": True, "files": [path for path, _ in selected]}
 
     async def _run_prefetch(self, job: PrefetchJob) -> None:
         """Download every missing block of the job's file, a few chunks at a time."""
@@ -363,7 +437,7 @@ class ControlServer:
         chunk_blocks = max(1, PREFETCH_CHUNK // file.block_size)
         work = (
             (start, min(start + chunk_blocks, end))
-            for first, end in sorted(gaps_largest_first(file))
+            for first, end in sorted(gaps_largest_first(file.bitmap, file.nblocks))
             for start in range(first, end, chunk_blocks)
         )
         failures: list[BaseException] = []
@@ -372,6 +446,12 @@ class ControlServer:
             for first, end in work:
                 if failures:
                     return
+                if self._reserve is not None and not self._reserve.room_for(
+                    (end - first) * file.block_size
+                ):
+                    job.paused = self._reserve.paused
+                    await self._reserve.wait_for_room((end - first) * file.block_size)
+                    job.paused = None
                 try:
                     await self._fetcher.fill(file, first, end, pausable=False)
                 except RangeNotSupportedError:
@@ -420,7 +500,7 @@ class ControlServer:
         if handles:
             plural = "s" if handles > 1 else ""
             return f"{cached.name} is open ({handles} handle{plural}); close it first"
-        job = self._jobs.get(cached.name)
+        job = self._jobs.get(cached)
         if self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
             return f"{cached.name} is downloading; try again when it is done"
         return None
@@ -435,8 +515,9 @@ class ControlServer:
         """
         if not paths:
             raise ControlError("evict needs at least one path")
-        nodes = self._select(paths)
-        before = [(node.cached, node.cached.no_fill) for node in nodes]
+        selected = self._select(paths)
+        nodes = [node for _, node in selected]
+        before = [(cached, cached.no_fill) for cached in dict.fromkeys(n.cached for n in nodes)]
         for cached, _ in before:
             cached.no_fill = True
         deadline = trio.current_time() + EVICT_GRACE
@@ -452,28 +533,35 @@ class ControlServer:
                 self._fetcher.pause_fill()  # a background fill of these files yields at once
             await trio.sleep(0.05)
         evicted: list[dict[str, Any]] = []
-        for node in nodes:
+        done_files: set[CachedFile] = set()
+        for path, node in selected:
+            cached = node.cached
+            if cached in done_files:  # the same URL at another selected path
+                evicted.append({"path": path, "freed": 0})
+                continue
             # Earlier files' saves awaited: check again, nothing may have started meanwhile.
             reason = self._busy(node)
-            cached = node.cached
             try:
                 if reason:
                     raise ControlError(reason)
                 budget = self._fetcher.budget
                 freed = await (cached.evict() if budget is None else budget.drop(cached))
             except (ControlError, FileRetiredError, OSError) as err:
-                for other, no_fill in before[len(evicted) :]:
+                for other, no_fill in before[len(done_files) :]:
                     other.no_fill = no_fill
                 done = ", ".join(f["path"] for f in evicted) or "none"
                 text = err.strerror if isinstance(err, OSError) else str(err)
                 raise ControlError(
                     f"{cached.name}: not evicted: {text} (evicted: {done})"
                 ) from None
-            self._jobs.pop(cached.name, None)
-            # The kernel's page cache must forget the bytes too, or reads never reach us.
-            await trio.to_thread.run_sync(self._invalidate, node.inode)
-            log.info("%s: evicted (%d bytes dropped)", cached.name, freed)
-            evicted.append({"path": cached.name, "freed": freed})
+            done_files.add(cached)
+            self._jobs.pop(cached, None)
+            # The kernel's page cache must forget the bytes too (at every path of the URL),
+            # or reads never reach us.
+            for shown in self._tree.nodes_of(cached):
+                await trio.to_thread.run_sync(self._invalidate, shown.inode)
+            log.info("%s: evicted (%d bytes dropped)", path, freed)
+            evicted.append({"path": path, "freed": freed})
         return {"ok": True, "files": evicted}
 
 

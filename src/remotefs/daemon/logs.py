@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..cache import safe_fs
+
 
 def stderr_is_journal() -> bool:
     """True when stderr is the journal stream systemd set up for this service.
@@ -29,19 +31,26 @@ def stderr_is_journal() -> bool:
         return False
 
 
-def setup_logging(level: str, log_file: Path | None) -> None:
-    """Route the ``remotefs`` loggers to *log_file* (appending, 0600) or to stderr."""
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+def open_log_file(path: Path) -> int:
+    """Open *path* for appending (0600), with the cache directory's rules: a log directory
+    owned by the user or root and writable only by them, and never a symlink followed."""
+    directory = path.parent
+    safe_fs.check_private_dir(directory, "log directory")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    with safe_fs.opened_dir(os.path.realpath(directory)) as dir_fd:
+        return safe_fs.open_file(path.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, dir_fd=dir_fd)
+
+
+def setup_logging(level: str, *, to_log_file: bool = False) -> None:
+    """Route the ``remotefs`` loggers to stderr: a log file (with timestamps and the pid),
+    or a terminal or the journal (which adds its own timestamps)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if to_log_file:
         fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    elif stderr_is_journal():
+        fmt = "%(levelname)s %(name)s: %(message)s"
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        if stderr_is_journal():
-            fmt = "%(levelname)s %(name)s: %(message)s"
-        else:
-            fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]

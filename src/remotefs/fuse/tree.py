@@ -5,6 +5,10 @@ entry and attribute caches can keep them for a long time. A reload of urls.txt u
 (and prunes directories left empty); an unlinked file keeps its inode in `Tree.unlinked` while
 open handles may still ask for its attributes, like an unlinked file of a local filesystem. A
 file that changed at the origin is replaced the same way: a new inode at the same path.
+
+Every node knows its parent and its name, and the tree keeps its counts and the nodes of each
+cache entry, so that no operation walks the whole tree: with 100,000 files, a walk per change
+or per lookup is what made mounting and reloading slow.
 """
 
 from __future__ import annotations
@@ -17,20 +21,24 @@ import pyfuse3
 from ..cache.cached_file import CachedFile
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DirNode:
-    """A directory: children by name, kept sorted for stable readdir offsets."""
+    """A directory: children by name (readdir sorts them per opendir)."""
 
     inode: int
+    parent: int = 0
+    name: str = ""
     children: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FileNode:
     """A remote file; *cached* is its cache entry (size, mtime and bytes come from there)."""
 
     inode: int
     cached: CachedFile
+    parent: int = 0
+    name: str = ""
 
 
 Node = DirNode | FileNode
@@ -48,6 +56,9 @@ class Tree:
         #: Files removed from the namespace whose cache entry may still be read through open
         #: handles; the daemon drops them once nothing uses them.
         self.unlinked: dict[int, FileNode] = {}
+        #: Linked file inodes of each cache entry (a URL listed at several paths has several).
+        self._by_cached: dict[CachedFile, list[int]] = {}
+        self._files = 0
 
     def add_file(self, path: tuple[str, ...], cached: CachedFile) -> FileNode:
         """Add a file, creating its parent directories (the manifest parser checked clashes)."""
@@ -57,15 +68,28 @@ class Tree:
             child = directory.children.get(name)
             if child is None:
                 child = self._allocate()
-                self.nodes[child] = DirNode(child)
+                self.nodes[child] = DirNode(child, directory.inode, name)
                 directory.children[name] = child
             directory = self.nodes[child]
         assert isinstance(directory, DirNode)
-        inode = self._allocate()
-        node = FileNode(inode, cached)
-        self.nodes[inode] = node
-        directory.children[path[-1]] = inode
+        node = FileNode(self._allocate(), cached, directory.inode, path[-1])
+        self._link(node)
+        directory.children[path[-1]] = node.inode
         return node
+
+    def _link(self, node: FileNode) -> None:
+        self.nodes[node.inode] = node
+        self._by_cached.setdefault(node.cached, []).append(node.inode)
+        self._files += 1
+
+    def _unlink(self, node: FileNode) -> None:
+        del self.nodes[node.inode]
+        inodes = self._by_cached[node.cached]
+        inodes.remove(node.inode)
+        if not inodes:
+            del self._by_cached[node.cached]
+        self._files -= 1
+        self.unlinked[node.inode] = node
 
     def _allocate(self) -> int:
         inode = self._next_inode
@@ -86,6 +110,28 @@ class Tree:
             node = None if inode is None else self.nodes[inode]
         return node
 
+    def path_of(self, node: Node) -> str:
+        """The path of *node* under the mount root, ``a/b/c`` ("" for the root)."""
+        parts: list[str] = []
+        current: Node | None = node
+        while current is not None and current.inode != pyfuse3.ROOT_INODE:
+            parts.append(current.name)
+            current = self.nodes.get(current.parent)
+        return "/".join(reversed(parts))
+
+    def nodes_of(self, cached: CachedFile) -> list[FileNode]:
+        """The linked files whose cache entry is *cached*."""
+        nodes = []
+        for inode in self._by_cached.get(cached, ()):
+            node = self.nodes[inode]
+            assert isinstance(node, FileNode)
+            nodes.append(node)
+        return nodes
+
+    def is_listed(self, cached: CachedFile) -> bool:
+        """True while some path of the namespace shows *cached*."""
+        return cached in self._by_cached
+
     def unlink_file(self, path: tuple[str, ...]) -> Removed | None:
         """Take the file at *path* out of the namespace into `unlinked`; None if there is none.
 
@@ -100,8 +146,7 @@ class Tree:
         if not isinstance(node, FileNode):
             return None
         del parent.children[path[-1]]
-        del self.nodes[node.inode]
-        self.unlinked[node.inode] = node
+        self._unlink(node)
         return parent.inode, path[-1], node.inode
 
     def replace_file(self, inode: int, cached: CachedFile) -> tuple[FileNode, Removed] | None:
@@ -112,20 +157,16 @@ class Tree:
         version, an old handle can never find a page of the new version there, nor a new
         open a page of the old. The old node moves to `unlinked` for its open handles.
         """
-        for directory in self.nodes.values():
-            if not isinstance(directory, DirNode):
-                continue
-            for name, child in directory.children.items():
-                if child != inode:
-                    continue
-                old = self.nodes.pop(inode)
-                assert isinstance(old, FileNode)
-                self.unlinked[inode] = old
-                node = FileNode(self._allocate(), cached)
-                self.nodes[node.inode] = node
-                directory.children[name] = node.inode
-                return node, (directory.inode, name, inode)
-        return None
+        old = self.nodes.get(inode)
+        if not isinstance(old, FileNode):
+            return None
+        directory = self.nodes[old.parent]
+        assert isinstance(directory, DirNode)
+        self._unlink(old)
+        node = FileNode(self._allocate(), cached, old.parent, old.name)
+        self._link(node)
+        directory.children[old.name] = node.inode
+        return node, (directory.inode, old.name, inode)
 
     def prune(self, keep: Collection[tuple[str, ...]] = ()) -> list[Removed]:
         """Remove every directory without files, except the paths in *keep* (files are about
@@ -156,15 +197,22 @@ class Tree:
         return None if inode is None else self.nodes[inode]
 
     def files(self) -> Iterator[FileNode]:
-        """Every file node."""
+        """Every linked file node."""
         return (node for node in self.nodes.values() if isinstance(node, FileNode))
 
+    def files_under(self, node: Node) -> Iterator[FileNode]:
+        """Every linked file at or under *node*."""
+        if isinstance(node, FileNode):
+            yield node
+            return
+        for inode in node.children.values():
+            yield from self.files_under(self.nodes[inode])
+
     def cached_files(self) -> list[CachedFile]:
-        """The distinct cache entries of the files, in inode order: a URL listed at two paths
-        has one entry, which must be counted, saved and filled once."""
-        return list(dict.fromkeys(node.cached for node in self.files()))
+        """The distinct cache entries of the files: a URL listed at two paths has one entry,
+        which must be counted, saved and filled once."""
+        return list(self._by_cached)
 
     def counts(self) -> tuple[int, int]:
         """(number of files, number of directories)."""
-        files = sum(1 for node in self.nodes.values() if isinstance(node, FileNode))
-        return files, len(self.nodes) - files
+        return self._files, len(self.nodes) - self._files

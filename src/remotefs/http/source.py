@@ -68,7 +68,7 @@ _EXPIRED_TARGET_STATUSES = frozenset({400, 401, 403, 404, 410})
 UNKNOWN_SIZE = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteMeta:
     """What a probe learned about one URL; the identity of the version we cache."""
 
@@ -136,6 +136,51 @@ def parse_content_range(value: str | None) -> ContentRange | None:
     )
 
 
+#: The largest size a file can have: the kernel's file offsets are signed 64-bit numbers.
+#: An origin that claims more is lying or broken; its file is left out, with a log line.
+MAX_FILE_SIZE = (1 << 63) - 1
+
+
+def meta_from_probe(url: str, status: int, headers: Mapping[str, str], what: str) -> RemoteMeta:
+    """Interpret the answer to a ``Range: bytes=0-0`` GET of *url*; raise if it is unusable.
+
+    Shared by the general probe (httpx) and the fast one (`ProbeClient`), so both read an
+    answer the same way.
+    """
+    accepts_ranges = headers.get("accept-ranges", "").strip().lower() != "none"
+    if status == 206:
+        crange = parse_content_range(headers.get("content-range"))
+        if crange is None or crange.start != 0:
+            raise ProtocolViolationError(
+                f"{what}: 206 with unusable Content-Range {headers.get('content-range')!r}"
+            )
+        size = UNKNOWN_SIZE if crange.total is None else crange.total
+    elif status == 416:
+        crange = parse_content_range(headers.get("content-range"))
+        if crange is None or crange.total is None:
+            raise ProtocolViolationError(f"{what}: 416 without a Content-Range size")
+        size = crange.total  # an empty file cannot satisfy bytes=0-0
+    elif status == 200:
+        accepts_ranges = False
+        length = headers.get("content-length", "").strip()
+        # No Content-Length (a chunked body): the size is known only after a download.
+        size = int(length) if re.fullmatch(r"[0-9]+", length) else UNKNOWN_SIZE
+    else:
+        raise error_for_status(status, what, headers.get("retry-after"))
+    if size > MAX_FILE_SIZE:
+        raise ProtocolViolationError(
+            f"{what}: the origin claims a size of {size} bytes, more than any file can have"
+        )
+    return RemoteMeta(
+        url=url,
+        size=size,
+        etag=headers.get("etag") or None,
+        last_modified=headers.get("last-modified") or None,
+        content_type=headers.get("content-type") or None,
+        accepts_ranges=accepts_ranges,
+    )
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
     if not value:
@@ -172,6 +217,9 @@ def _use_large_socket_reads() -> None:
         connection.READ_NUM_BYTES = SOCKET_READ_SIZE
 
 
+#: Connections of the httpx pool kept for probes (see `HttpSource.probe_limiter`).
+HTTPX_PROBE_CONNECTIONS = 8
+
 #: Connections of the pool that background requests (readahead, fill) never take.
 FOREGROUND_RESERVE = 2
 
@@ -203,6 +251,9 @@ class HttpSource:
         self._options = options
         self._url_headers = {url: list(h) for url, h in (url_headers or {}).items() if h}
         self._limiter = trio.CapacityLimiter(options.max_connections)
+        #: Probes that go through httpx (redirects, proxies, HTTP/2): httpx's pool slows
+        #: down with every connection it holds, so these few are enough.
+        self.probe_limiter = trio.CapacityLimiter(HTTPX_PROBE_CONNECTIONS)
         self._background_limiter = trio.CapacityLimiter(
             max(1, options.max_connections - FOREGROUND_RESERVE)
         )
@@ -221,8 +272,8 @@ class HttpSource:
             verify=verify,
             headers={"Accept-Encoding": "identity", "User-Agent": options.user_agent},
             limits=httpx.Limits(
-                max_connections=options.max_connections,
-                max_keepalive_connections=options.max_connections,
+                max_connections=options.max_connections + HTTPX_PROBE_CONNECTIONS,
+                max_keepalive_connections=options.max_connections + HTTPX_PROBE_CONNECTIONS,
                 keepalive_expiry=30.0,
             ),
             timeout=httpx.Timeout(
@@ -240,41 +291,23 @@ class HttpSource:
         """Close every pooled connection."""
         await self._client.aclose()
 
+    def set_headers(self, url_headers: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+        """Replace the per-URL request headers (a reload read urls.txt again)."""
+        self._url_headers = {url: list(h) for url, h in url_headers.items() if h}
+
     async def probe(self, url: str) -> RemoteMeta:
-        """Learn size, validators, type and Range support of *url* with one ``bytes=0-0`` GET."""
+        """Learn size, validators, type and Range support of *url* with one ``bytes=0-0`` GET.
+
+        This is the general path (redirects, proxies, HTTP/2); `ProbeClient` does the same
+        faster for plain HTTP/1.1 origins and falls back here for anything else. It takes no
+        connection slot of its own: the caller bounds probing (`remotefs.daemon.probe`).
+        """
         what = f"probe {redact_url(url)}"
         request = self._request(url, {"Range": "bytes=0-0"}, what, key=url)
-        async with self._limiter, request as response:
-            headers = response.headers
-            accepts_ranges = headers.get("accept-ranges", "").strip().lower() != "none"
-            if response.status_code == 206:
-                crange = parse_content_range(headers.get("content-range"))
-                if crange is None or crange.start != 0:
-                    raise ProtocolViolationError(
-                        f"{what}: 206 with unusable Content-Range {headers.get('content-range')!r}"
-                    )
-                size = UNKNOWN_SIZE if crange.total is None else crange.total
-            elif response.status_code == 416:
-                crange = parse_content_range(headers.get("content-range"))
-                if crange is None or crange.total is None:
-                    raise ProtocolViolationError(f"{what}: 416 without a Content-Range size")
-                size = crange.total  # an empty file cannot satisfy bytes=0-0
-            elif response.status_code == 200:
-                accepts_ranges = False
-                length = headers.get("content-length", "").strip()
-                # No Content-Length (a chunked body): the size is known only after a download.
-                size = int(length) if re.fullmatch(r"[0-9]+", length) else UNKNOWN_SIZE
-            else:
-                raise error_for_status(response.status_code, what, headers.get("retry-after"))
+        async with request as response:
+            meta = meta_from_probe(url, response.status_code, response.headers, what)
             self._remember_target(url, response)
-            return RemoteMeta(
-                url=url,
-                size=size,
-                etag=headers.get("etag"),
-                last_modified=headers.get("last-modified"),
-                content_type=headers.get("content-type"),
-                accepts_ranges=accepts_ranges,
-            )
+            return meta
 
     async def fetch_range(
         self,
@@ -394,6 +427,10 @@ class HttpSource:
                 self._targets.pop(url, None)
         return await attempt(url)
 
+    def has_remembered_target(self, url: str) -> bool:
+        """True when requests of *url* go to a remembered redirect target."""
+        return url in self._targets
+
     def _remember_target(self, url: str, response: httpx.Response) -> None:
         """Remember where *url* redirected to, saving a round trip on every later request."""
         final = str(response.url)
@@ -477,6 +514,10 @@ class _Exchange:
             return await cm.__aenter__()
         except httpx.HTTPError as err:
             raise _map_httpx_error(err, self._what) from err
+        except UnicodeError:
+            # A header value that HTTP cannot carry (the manifest parser refuses them; this
+            # keeps any other way in from ending the daemon).
+            raise PermanentError(f"{self._what}: a request header is not ASCII") from None
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         cm = self._cm
@@ -521,7 +562,7 @@ def _map_httpx_error(err: httpx.HTTPError, what: str) -> HttpSourceError:
         return TransientError(f"{what}: timed out ({type(err).__name__})")
     if isinstance(err, httpx.TooManyRedirects):
         return PermanentError(f"{what}: too many redirects")
-    if isinstance(err, httpx.UnsupportedProtocol | httpx.InvalidURL):
+    if isinstance(err, httpx.UnsupportedProtocol | httpx.InvalidURL | httpx.LocalProtocolError):
         return PermanentError(f"{what}: {type(err).__name__}")
     if isinstance(err, httpx.TransportError):
         if _cause_of_type(err, ssl.SSLCertVerificationError) is not None:
