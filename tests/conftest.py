@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from remotefs.config.options import MountOptions
 
 from .mounting import MountFactory
 from .origin import Origin
+from .virtual_origin import VirtualOrigin
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -111,3 +114,29 @@ def read_direct(path: Path, offset: int, size: int = 4096) -> bytes:
         return bytes(buffer[:count])
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def virtual_origin() -> Iterator[VirtualOrigin]:
+    """An origin of virtual files (any size, any number); see `tests.virtual_origin`."""
+    with VirtualOrigin() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def loop_ext4(tmp_path: Path, size: int) -> Iterator[Path]:
+    """An ext4 filesystem of *size* bytes on a loop device, mounted; removed afterwards.
+
+    For tests whose cache must live on a filesystem with known limits (ext4 holds files of
+    at most 16 TiB - 4 KiB) or a small size (a full disk is a real full disk).
+    """
+    image, where = tmp_path / "cachefs.img", tmp_path / "cachefs"
+    with open(image, "wb") as handle:
+        handle.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,22 @@ REMOTEFS = [sys.executable, "-m", "remotefs"]
 
 
 def run_remotefs(
-    *args: str | os.PathLike[str], timeout: float = 60
+    *args: str | os.PathLike[str], timeout: float = 60, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run the remotefs CLI and capture its output."""
+    """Run the remotefs CLI and capture its output (*prefix*: a wrapper command, e.g. a
+    shell that lowers the file-descriptor limit first)."""
     return subprocess.run(
-        [*REMOTEFS, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
+        [*prefix, *REMOTEFS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+def with_fd_limit(limit: int) -> list[str]:
+    """A `run_remotefs` prefix that runs the command with ``ulimit -n`` *limit* (soft and hard)."""
+    return ["bash", "-c", f'ulimit -n {limit} && exec "$@"', "with-fd-limit"]
 
 
 def mounted_paths() -> set[str]:
@@ -112,6 +123,7 @@ class MountFactory:
         cache_dir: Path | None = None,
         mountpoint: Path | None = None,
         fill: bool = False,
+        prefix: Sequence[str] = (),
     ) -> Mount:
         """Mount *lines* (or *urls_file*) and return once the mount answers.
 
@@ -126,7 +138,9 @@ class MountFactory:
         mountpoint = mountpoint or self.base / "mnt"
         mountpoint.mkdir(exist_ok=True)
         extra = args if fill else ("--no-fill", *args)
-        result = run_remotefs("mount", urls_file, mountpoint, "--cache-dir", cache_dir, *extra)
+        result = run_remotefs(
+            "mount", urls_file, mountpoint, "--cache-dir", cache_dir, *extra, prefix=prefix
+        )
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert is_mounted(mountpoint), "remotefs mount returned before the mount was ready"
         pid = daemon_pid(mountpoint)

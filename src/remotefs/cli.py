@@ -40,6 +40,7 @@ from .daemon.logs import open_log_file, setup_logging
 from .daemon.mountpoint import MountpointError, check_mountpoint, mounted_paths
 from .daemon.preflight import (
     PreflightError,
+    check_descriptor_limit,
     check_fuse_device,
     check_unprivileged_mount,
     describe_failure,
@@ -371,6 +372,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
         return _fail(f"--ca-bundle {args.ca_bundle}: not a readable file")
     try:
+        check_descriptor_limit()
         check_fuse_device()
         check_unprivileged_mount(options.allow_other)
         check_private_dir(options.cache_dir)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .daemon.control import MAX_LINE, unix_address
+from .daemon.control import MAX_ANSWER, unix_address
 from .fuse.ops import CONTROL_XATTR
 
 COMMANDS = ("status", "prefetch", "evict", "reload")
@@ -150,9 +150,9 @@ class Control:
         try:
             self._sock.sendall(json.dumps(payload).encode() + b"\n")
             while (newline := self._buffer.find(b"\n")) < 0:
-                if len(self._buffer) > MAX_LINE:
+                if len(self._buffer) > MAX_ANSWER:
                     raise ClientError(f"{self.mountpoint}: the daemon's answer is too long")
-                chunk = self._sock.recv(65536)
+                chunk = self._sock.recv(1 << 20)
                 if not chunk:
                     raise ClientError(f"{self.mountpoint}: the daemon closed the connection")
                 self._buffer += chunk

@@ -10,9 +10,10 @@ what they fetch until the disk is really full, and then go on uncached (see the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -49,19 +50,25 @@ class FreeSpaceReserve:
         _, total = self._space()
         self.reserve = default_reserve(total) if min_free is None else min_free
         self.paused: str | None = None
+        #: Bytes promised to background downloads in flight (`claim`), not on disk yet.
+        self.claimed = 0
 
     def _space(self) -> tuple[int, int]:
         info = self._statvfs()
         return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
 
     def room_for(self, need: int) -> bool:
-        """True when *need* more bytes leave the reserve free; else remembers why not."""
+        """True when *need* more bytes leave the reserve free; else remembers why not.
+
+        Bytes claimed by downloads in flight count as used: two fill workers that each see
+        room for one chunk must not both take it.
+        """
         try:
             free, _ = self._space()
         except OSError as err:
             self._pause(f"cannot read the cache filesystem's free space: {err.strerror}")
             return False
-        if free - need >= self.reserve:
+        if free - self.claimed - need >= self.reserve:
             if self.paused is not None:
                 log.info("background downloads go on: the cache filesystem has room again")
                 self.paused = None
@@ -81,6 +88,22 @@ class FreeSpaceReserve:
         """Sleep until *need* bytes fit above the reserve."""
         while not self.room_for(need):
             await trio.sleep(RECHECK_INTERVAL)
+
+    @contextlib.contextmanager
+    def claim(self, need: int) -> Iterator[bool]:
+        """Claim *need* bytes for one download while it runs; yields False if there is no room.
+
+        The claim is released when the block ends (the bytes are then on disk, and counted
+        in the filesystem's free space).
+        """
+        if not self.room_for(need):
+            yield False
+            return
+        self.claimed += need
+        try:
+            yield True
+        finally:
+            self.claimed -= need
 
     def statistics(self) -> ReserveStatistics:
         try:

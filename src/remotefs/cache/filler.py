@@ -13,6 +13,7 @@ were read in order to complete files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
@@ -104,17 +105,18 @@ class Filler:
                 need = (end - first) * file.block_size
                 if budget is not None and not budget.has_room(need):
                     return  # background fill never evicts cached blocks to make room
-                if self._reserve is not None and not self._reserve.room_for(need):
-                    return  # nor takes the cache filesystem below its free-space reserve
                 before = file.cached_bytes
-                try:
-                    await self._fetcher.fill(file, first, end)
-                except FillPaused:
-                    failure.append(FillPaused())
-                    return
-                except (HttpSourceError, OSError, FileRetiredError) as err:
-                    failure.append(err)
-                    return
+                with self._claim(need) as room:
+                    if not room:
+                        return  # nor takes the cache filesystem below its free-space reserve
+                    try:
+                        await self._fetcher.fill(file, first, end)
+                    except FillPaused:
+                        failure.append(FillPaused())
+                        return
+                    except (HttpSourceError, OSError, FileRetiredError) as err:
+                        failure.append(err)
+                        return
                 fetched[0] += file.cached_bytes - before
                 await self._pace(started, fetched[0])
 
@@ -128,6 +130,11 @@ class Filler:
             self._backoff.pop(file, None)
             if file.complete:
                 log.info("%s: completed in the background", file.name)
+
+    def _claim(self, need: int) -> contextlib.AbstractContextManager[bool]:
+        if self._reserve is None:
+            return contextlib.nullcontext(True)
+        return self._reserve.claim(need)
 
     def _back_off(self, file: CachedFile, error: BaseException) -> None:
         """Leave *file* alone for a while after a failure (doubling, up to five minutes)."""

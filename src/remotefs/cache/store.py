@@ -390,6 +390,11 @@ class CacheStore:
         if bitmap.max() >= nblocks:
             log.warning("%s: cache bitmap claims blocks past the end; resetting", name)
             return None
+        if info is not None and stat.S_ISLNK(info.st_mode):
+            log.warning(
+                "%s: its cache data file is a symbolic link (never followed); resetting", name
+            )
+            return None
         if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != meta.size:
             log.warning("%s: cache data file is missing or has the wrong size; resetting", name)
             return None

@@ -71,8 +71,10 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
 PROTOCOL_VERSION = 1
-#: Longest request or response line.
+#: Longest request line.
 MAX_LINE = 4 * MiB
+#: Longest answer a client reads: ``status --all`` of 100,000 files is about 30 MiB.
+MAX_ANSWER = 1024 * MiB
 #: Longest socket path `bind`/`connect` take (sun_path is 108 bytes with its NUL).
 _MAX_UNIX_PATH = 107
 #: How long an eviction waits for open handles to be released and downloads to end.
@@ -446,14 +448,17 @@ class ControlServer:
             for first, end in work:
                 if failures:
                     return
-                if self._reserve is not None and not self._reserve.room_for(
-                    (end - first) * file.block_size
-                ):
-                    job.paused = self._reserve.paused
-                    await self._reserve.wait_for_room((end - first) * file.block_size)
+                need = (end - first) * file.block_size
+                reserve = self._reserve
+                if reserve is not None:
+                    while not reserve.room_for(need):
+                        job.paused = reserve.paused
+                        await reserve.wait_for_room(need)
                     job.paused = None
+                claim = contextlib.nullcontext(True) if reserve is None else reserve.claim(need)
                 try:
-                    await self._fetcher.fill(file, first, end, pausable=False)
+                    with claim:
+                        await self._fetcher.fill(file, first, end, pausable=False)
                 except RangeNotSupportedError:
                     return  # the file is fetched as one stream below
                 except (HttpSourceError, OSError, FileRetiredError) as err:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 
 import trio
+
+from ..cache.fd_cache import raise_nofile_limit
 
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
@@ -41,8 +44,29 @@ def check_fuse_device(device: str = FUSE_DEVICE) -> None:
         raise PreflightError(f"{device}: {err.strerror}") from None
 
 
-def check_unprivileged_mount(allow_other: bool, conf: str = FUSE_CONF) -> None:
+#: Descriptors the daemon needs besides its cache's data files: stdio, /dev/fuse, the lock,
+#: the log, the event loop, the control socket, and a few connections.
+MIN_DESCRIPTORS = 64
+
+
+def check_descriptor_limit(minimum: int = MIN_DESCRIPTORS) -> int:
+    """Raise the soft limit of open files to the hard one; refuse a limit below *minimum*.
+
+    Returns the soft limit now in force.
+    """
+    soft, _ = raise_nofile_limit()
+    if soft != resource.RLIM_INFINITY and soft < minimum:
+        raise PreflightError(
+            f"too many open files would be needed: the limit is {soft} and remotefs needs at"
+            f" least {minimum}; raise it with 'ulimit -n', or with LimitNOFILE= in the"
+            " systemd unit"
+        )
+    return int(soft)
+
+
+def check_unprivileged_mount(allow_other: bool, conf: str | None = None) -> None:
     """What a mount by a user other than root needs: fusermount3, and maybe fuse.conf."""
+    conf = conf or FUSE_CONF
     if os.geteuid() == 0:
         return
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
@@ -58,8 +82,9 @@ def check_unprivileged_mount(allow_other: bool, conf: str = FUSE_CONF) -> None:
         )
 
 
-def user_allow_other(conf: str = FUSE_CONF) -> bool:
+def user_allow_other(conf: str | None = None) -> bool:
     """True when *conf* enables ``user_allow_other`` (a line of its own, not commented)."""
+    conf = conf or FUSE_CONF
     try:
         with open(conf, encoding="utf-8", errors="replace") as handle:
             return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in handle)
@@ -71,8 +96,6 @@ def describe_failure(error: BaseException) -> str:
     """One line naming the real cause of *error* (the first one inside exception groups)."""
     leaf = _first_leaf(error)
     if isinstance(leaf, OSError) and leaf.errno in (errno.EMFILE, errno.ENFILE):
-        import resource
-
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         return (
             f"too many open files (the limit is {soft}): raise it with 'ulimit -n', or with"

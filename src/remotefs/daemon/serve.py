@@ -223,7 +223,6 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self.loop_monitor.run)
                 nursery.start_soon(self._retrier.run)
                 budget = None
                 if self.options.cache_max_size:
@@ -324,8 +323,15 @@ class Daemon:
 
     async def _build_tree(self, on_progress: ProgressCallback | None) -> None:
         """List every URL: probe the new ones, confirm the known ones (briefly), place all."""
+        began = trio.current_time()
         urls = list(dict.fromkeys(entry.url for entry in self.entries))
         known = await trio.to_thread.run_sync(self._known_versions, urls)
+        log.debug(
+            "%d URLs, %d known from earlier runs (read in %.1fs)",
+            len(urls),
+            len(known),
+            trio.current_time() - began,
+        )
         unknown = [url for url in urls if url not in known]
         results: dict[str, ProbeResult] = {}
         placed = False
@@ -364,6 +370,7 @@ class Daemon:
                 await known_done.wait()
             progress.cancel_scope.cancel()
         placed = True
+        probed = trio.current_time()
         for entry in self.entries:
             result = results.get(entry.url)
             if result is None:
@@ -373,9 +380,11 @@ class Daemon:
         files, _ = self.tree.counts()
         confirming = len(known) - sum(1 for url in known if url in results)
         log.info(
-            "%d of %d URLs listed%s",
+            "%d of %d URLs listed in %.1fs (placing them took %.1fs)%s",
             files,
             len(self.entries),
+            trio.current_time() - began,
+            trio.current_time() - probed,
             f"; {confirming} listed from the cache are being confirmed" if confirming else "",
         )
         for origin, count in self._failures_logged.items():
@@ -959,6 +968,9 @@ class Daemon:
         log.info("mounted %s (%d files)", self.mountpoint, files)
         sd_notify(f"READY=1\nSTATUS={self.status_line()}")
         on_ready()
+        # From now on every stall is felt by readers (before, the mount was not up).
+        assert self._nursery is not None
+        self._nursery.start_soon(self.loop_monitor.run)
         if notify_enabled():
             while True:
                 await trio.sleep(self.options.status_interval)

@@ -287,6 +287,14 @@ class RemoteFsOperations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if name.startswith((b"security.", b"system.")):
+            # No security labels or ACLs here. ENOTSUP (not ENODATA) says so for the whole
+            # filesystem: ``ls -l`` then stops asking every file for security.selinux and
+            # system.posix_acl_access, which made listing 100,000 files take 200,000
+            # requests to this process.
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if not name.startswith(b"user.remotefs."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(self._node(inode)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

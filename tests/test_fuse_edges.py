@@ -1,0 +1,271 @@
+"""Trust at the edges, through real mounts: hostile sizes, a descriptor limit, many URLs.
+
+One URL, one fault domain: whatever one origin claims (a size no file can have, one the cache
+filesystem cannot hold, a negative one, totals that contradict its own probe, a size that
+turns impossible during a read), the mount stays up, every other file reads back equal to
+its origin, and the bad file gives EIO or is left out with a log line. The origin is
+`VirtualOrigin`: its files are computed, so a 16 TiB file costs nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import loop_ext4
+from .mounting import MountFactory, run_remotefs, with_fd_limit
+from .virtual_origin import VirtualFile, VirtualOrigin, expected
+
+MiB = 1024 * 1024
+TiB = 1 << 40
+
+
+def read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def status(mountpoint: Path) -> dict[str, Any]:
+    result = run_remotefs("status", "--json", "--all", mountpoint)
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float = 20.0, what: str = "a condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_hostile_sizes_cost_only_their_own_file(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory, tmp_path: Path, root_required: None
+) -> None:
+    with loop_ext4(tmp_path, 64 * MiB) as cachefs:  # a cache that holds 16 TiB - 4 KiB at most
+        _hostile_sizes(virtual_origin, remotefs, cachefs / "cache")
+
+
+def _hostile_sizes(origin: VirtualOrigin, remotefs: MountFactory, cache: Path) -> None:
+    origin.files["good.bin"] = VirtualFile(3 * MiB + 17, seed=1)
+    origin.files["beyond.bin"] = VirtualFile(MiB, seed=2, probe_total=str(1 << 63))
+    origin.files["negative.bin"] = VirtualFile(MiB, seed=3, probe_total="-5")
+    origin.files["huge.bin"] = VirtualFile(16 * TiB, seed=4)  # more than ext4 holds
+    origin.files["liar.bin"] = VirtualFile(4 * MiB, seed=5, data_total=str(5 * MiB))
+    names = ["good.bin", "beyond.bin", "negative.bin", "huge.bin", "liar.bin"]
+    mount = remotefs.mount(
+        [origin.url(name) for name in names],
+        "--probe-timeout",
+        "2",
+        "--read-deadline",
+        "3",
+        "--fill-idle",
+        "0.3",
+        cache_dir=cache,
+        fill=True,
+    )
+    assert sorted(os.listdir(mount.path)) == ["good.bin", "huge.bin", "liar.bin"]
+    log = mount.log_text()
+    assert "beyond.bin: not shown until its URL answers" in log
+    assert "more than any file can have" in log
+    assert "negative.bin: not shown until its URL answers" in log
+
+    # A file larger than the cache filesystem holds is served from the network, uncached.
+    huge = mount.path / "huge.bin"
+    assert huge.stat().st_size == 16 * TiB
+    for offset in (0, 8 * TiB + 12345, 16 * TiB - 5000, random.randrange(16 * TiB - 70000)):
+        assert read_at(huge, offset, 70000) == expected(4, offset, min(70000, 16 * TiB - offset))
+    rows = {row["path"]: row for row in status(mount.path)["files"]}
+    assert rows["huge.bin"]["state"] == "uncached"
+    assert "cannot hold" in rows["huge.bin"]["note"]
+    assert rows["huge.bin"]["cached_bytes"] == 0
+
+    # An origin whose data answers contradict its probe: EIO, never bytes of either story.
+    with pytest.raises(OSError) as info:
+        read_at(mount.path / "liar.bin", MiB, 4096)
+    assert info.value.errno == errno.EIO
+    wait_for(lambda: "contradicts itself" in mount.log_text(), what="the contradiction log")
+    # ... and neither reads nor background fill hammer it: a few requests, then backoff.
+    time.sleep(2)
+    before = origin.requests("liar.bin")
+    time.sleep(3)
+    assert origin.requests("liar.bin") - before <= 2
+
+    # Nothing of this touched the good file or the daemon.
+    good = mount.path / "good.bin"
+    assert good.read_bytes() == expected(1, 0, 3 * MiB + 17)
+    assert int(os.getxattr(mount.path, "user.remotefs.pid")) == mount.pid
+    assert "Traceback" not in mount.log_text()
+    mount.unmount()
+
+
+def test_a_size_turning_impossible_during_a_read_fails_that_file_only(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    origin = virtual_origin
+    origin.files["x.bin"] = VirtualFile(8 * MiB, seed=6)
+    origin.files["y.bin"] = VirtualFile(2 * MiB, seed=7)
+    mount = remotefs.mount(
+        [origin.url("x.bin"), origin.url("y.bin")],
+        "--read-deadline",
+        "3",
+        "--probe-timeout",
+        "2",
+        "--prefetch-tail",
+        "0",
+    )
+    with open(mount.path / "x.bin", "rb", buffering=0) as reader:
+        assert reader.read(MiB) == expected(6, 0, MiB)
+        origin.files["x.bin"] = VirtualFile(
+            8 * MiB, seed=6, etag='"v2"', probe_total=str(1 << 64), data_total=str(1 << 64)
+        )
+        reader.seek(7 * MiB)
+        with pytest.raises(OSError) as info:
+            reader.read(4096)
+        assert info.value.errno == errno.EIO
+    wait_for(
+        lambda: "cannot probe the new version yet" in mount.log_text(),
+        what="the failed probe of the new version",
+    )
+    assert "more than any file can have" in mount.log_text()
+    assert (mount.path / "y.bin").read_bytes() == expected(7, 0, 2 * MiB)
+    assert int(os.getxattr(mount.path, "user.remotefs.pid")) == mount.pid
+    assert "Traceback" not in mount.log_text()
+
+
+def test_header_values_that_http_cannot_carry_fail_the_mount_with_file_and_line(
+    tmp_path: Path,
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for value, label in (("caf\u00e9", "latin-1"), ("\u65e5\u672c", "utf-8")):
+        urls = tmp_path / f"{label}.txt"
+        urls.write_text(f"http://127.0.0.1:9/a.bin\n    X-Name: {value}\n")
+        result = run_remotefs("mount", urls, mountpoint, "--cache-dir", tmp_path / "cache")
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"remotefs: {urls}:2: header 'X-Name': the value has non-ASCII characters;"
+            " HTTP header values must be ASCII (percent-encode or base64 the value)\n"
+        )
+        assert value not in result.stderr
+    assert not (tmp_path / "cache").exists()  # nothing half-done
+
+
+def test_two_thousand_urls_under_a_limit_of_256_descriptors(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    origin = virtual_origin
+    names = [f"f{index:04d}.bin" for index in range(2000)]
+    for index, name in enumerate(names):
+        origin.files[name] = VirtualFile(100_000 + index * 37, seed=index)
+    lines = [origin.url(name) for name in names]
+    mount = remotefs.mount(lines, prefix=with_fd_limit(256))
+    assert len(os.listdir(mount.path)) == 2000
+    limits = Path(f"/proc/{mount.pid}/limits").read_text()
+    assert any(
+        line.startswith("Max open files") and " 256 " in line for line in limits.splitlines()
+    )
+
+    def check(batch: list[int]) -> None:
+        handles = [open(mount.path / names[i], "rb", buffering=0) for i in batch]  # noqa: SIM115
+        try:  # several files open at once, read in turns
+            for i, handle in zip(batch, handles, strict=True):
+                size = origin.files[names[i]].size
+                assert handle.read() == expected(i, 0, size), names[i]
+        finally:
+            for handle in handles:
+                handle.close()
+
+    batches = [list(range(start, start + 40)) for start in range(0, 2000, 40)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, batches))
+    fds = len(os.listdir(f"/proc/{mount.pid}/fd"))
+    assert fds < 256
+    mount.unmount()
+    # Again from the cache, under the same limit: every file read from disk, none damaged.
+    origin.reset_counters()
+    mount = remotefs.mount(lines, prefix=with_fd_limit(256))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, batches))
+    assert origin.body_bytes() == 0
+    log = mount.log_text()
+    for word in ("damaged", "resetting", "reset", "Too many open files", "Traceback"):
+        assert word not in log, word
+
+
+def test_files_are_found_by_their_path_when_a_url_is_listed_twice(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    origin = virtual_origin
+    origin.files["a.bin"] = VirtualFile(3 * MiB, seed=8)
+    url = origin.url("a.bin")
+    mount = remotefs.mount([f"{url} one/a.bin", f"{url} two/a.bin"])
+    rows = status(mount.path)["files"]
+    assert [row["path"] for row in rows] == ["one/a.bin", "two/a.bin"]
+    result = run_remotefs("status", "--json", mount.path / "two/a.bin")
+    assert result.returncode == 0, result.stderr
+    assert [row["path"] for row in json.loads(result.stdout)["files"]] == ["two/a.bin"]
+    prefetched = run_remotefs("prefetch", mount.path / "two/a.bin", timeout=120)
+    assert prefetched.returncode == 0, prefetched.stderr
+    assert (mount.path / "one/a.bin").read_bytes() == expected(8, 0, 3 * MiB)
+    evicted = run_remotefs("evict", mount.path / "two/a.bin")
+    assert evicted.returncode == 0, evicted.stderr
+    assert f"evicted {mount.path / 'two/a.bin'}" in evicted.stdout
+    assert all(row["cached_bytes"] == 0 for row in status(mount.path)["files"])
+
+
+def test_every_url_is_listed_when_probes_queue_longer_than_their_timeout(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    """Each probe's timeout counts from its own request, not from the start of the mount."""
+    origin = virtual_origin
+    origin.delay = 0.05
+    names = [f"q{index:03d}.bin" for index in range(240)]
+    for index, name in enumerate(names):
+        origin.files[name] = VirtualFile(1000 + index, seed=index)
+    started = time.monotonic()
+    # 240 probes, 2 at a time, 50 ms each: 6 s of queueing against a 2 s probe timeout.
+    mount = remotefs.mount(
+        [origin.url(name) for name in names], "--probe-connections", "2", "--probe-timeout", "2"
+    )
+    assert time.monotonic() - started >= 5
+    assert sorted(os.listdir(mount.path)) == names
+
+
+def test_a_remount_lists_from_the_catalog_at_once_and_confirms_in_the_background(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    origin = virtual_origin
+    names = [f"c{index:03d}.bin" for index in range(300)]
+    for index, name in enumerate(names):
+        origin.files[name] = VirtualFile(5000 + index, seed=index)
+    lines = [origin.url(name) for name in names]
+    mount = remotefs.mount(lines)
+    mount.unmount()
+    assert (mount.cache_dir / "catalog").exists()
+    # Nothing was read, so nothing but the catalog tells the sizes; the origin now answers
+    # every request after 3 s: the remount must not wait for that.
+    origin.reset_counters()
+    origin.delay = 3.0
+    started = time.monotonic()
+    mount = remotefs.mount(lines, "--revalidate-wait", "0.5")
+    assert time.monotonic() - started < 3
+    assert sorted(os.listdir(mount.path)) == names
+    assert (mount.path / names[7]).stat().st_size == 5007
+    origin.delay = 0.0
+    wait_for(lambda: origin.requests() >= len(names), 30, "the background confirmations")
+    # Confirmed unchanged: nothing replaced, and the bytes are right.
+    assert "remote file changed" not in mount.log_text()
+    assert (mount.path / names[7]).read_bytes() == expected(7, 0, 5007)
