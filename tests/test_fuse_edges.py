@@ -14,6 +14,8 @@ import errno
 import json
 import os
 import random
+import select
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 
 from .conftest import loop_ext4
-from .mounting import MountFactory, run_remotefs, with_fd_limit
+from .mounting import REMOTEFS, Mount, MountFactory, run_remotefs, with_fd_limit
 from .virtual_origin import VirtualFile, VirtualOrigin, expected
 
 MiB = 1024 * 1024
@@ -269,3 +271,54 @@ def test_a_remount_lists_from_the_catalog_at_once_and_confirms_in_the_background
     # Confirmed unchanged: nothing replaced, and the bytes are right.
     assert "remote file changed" not in mount.log_text()
     assert (mount.path / names[7]).read_bytes() == expected(7, 0, 5007)
+
+
+def test_mount_shows_probe_progress_on_a_terminal(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory, tmp_path: Path
+) -> None:
+    origin = virtual_origin
+    origin.delay = 0.01
+    names = [f"p{index:04d}.bin" for index in range(600)]
+    for index, name in enumerate(names):
+        origin.files[name] = VirtualFile(100 + index, seed=index)
+    urls = remotefs.write_urls([origin.url(name) for name in names], "progress.txt")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    master, slave = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [
+                *REMOTEFS,
+                "mount",
+                str(urls),
+                str(mnt),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--no-fill",
+                "--probe-connections",
+                "2",
+            ],
+            stderr=slave,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(slave)
+        output = b""
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    output += os.read(master, 65536)
+                except OSError:  # the child closed its end
+                    break
+            elif process.poll() is not None:
+                break
+        assert process.wait(60) == 0
+        pid = int(os.getxattr(mnt, "user.remotefs.pid"))
+        remotefs.mounts.append(Mount(mnt, tmp_path / "cache", urls, pid))
+    finally:
+        os.close(master)
+    text = output.decode(errors="replace")
+    assert "remotefs: probed " in text and " of 600 URLs" in text, text
+    assert text.endswith("\r\x1b[K"), repr(text[-80:])  # the line is cleared at the end
+    assert len(os.listdir(mnt)) == 600

@@ -180,10 +180,6 @@ class Daemon:
         #: Entries not listed because their URL did not answer (the retrier probes them).
         self._missing: dict[tuple[str, ...], ManifestEntry] = {}
         self._missing_urls: dict[str, set[tuple[str, ...]]] = {}
-        #: URL -> one manifest entry of it (the first), to name files in messages.
-        self._entry_of_url: dict[str, ManifestEntry] = {}
-        for entry in entries:
-            self._entry_of_url.setdefault(entry.url, entry)
         #: Failures logged per origin (after `LOGGED_FAILURES`, only counted).
         self._failures_logged: dict[tuple[str, str, int | None], int] = {}
         #: Origins that did not answer lately (logged once, and again when they are back).
@@ -441,6 +437,9 @@ class Daemon:
     def _note_probe(self, url: str, result: ProbeResult) -> None:
         """Remember what an origin said of *url*, for the catalog."""
         if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
+            known = self._catalog.get(url)
+            if known is not None and known.remote == result:
+                result = known.remote  # the same answer: keep one copy
             self._catalog[url] = CatalogRecord(result, time.time())
             self._catalog_dirty = True
 
@@ -754,9 +753,7 @@ class Daemon:
             path: old[path] if path in old and old[path].url == entry.url else entry
             for path, entry in new.items()
         }
-        self._entry_of_url = {}
-        for entry in self._wanted.values():
-            self._entry_of_url.setdefault(entry.url, entry)
+        self.entries = list(self._wanted.values())  # what is served now; the old list goes
         added = pending = 0
         unchanged: list[str] = []
         for path, entry in self._wanted.items():
