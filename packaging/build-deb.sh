@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build remotefs_<version>_<arch>.deb for Debian 12 / Ubuntu 22.04+ with dpkg-deb (no debhelper).
+# Build remotefs_<version>_<arch>.deb with dpkg-deb (no debhelper), for the Debian or Ubuntu
+# release it runs on: Debian 12 and 13 are tested (tests/test_fresh_debian.py builds, installs,
+# uses and purges it in a fresh debootstrap of each), Ubuntu 22.04+ by package names.
 #
 #   packaging/build-deb.sh [OUTDIR]        (default OUTDIR: dist/ in the repository)
 #   apt install ./dist/remotefs_*.deb
@@ -26,7 +28,14 @@
 # exact interpreter package, python3.X, rather than on "python3 (>= 3.X), python3 (<< 3.X+1)":
 # it keeps working when the default python3 moves to a newer minor (python3.X stays installed
 # because of the dependency), and it can be built on Ubuntu 22.04, whose python3 is 3.10, with
-# python3.11 from the archive. Choose the interpreter with PYTHON=/usr/bin/python3.12.
+# python3.11 from the archive. By default the interpreter is chosen as scripts/setup.sh chooses
+# it, on the system's PATH only (/usr/bin/python3 when it is 3.11+, else a python3.1X from the
+# archive, installed if missing). Choose it with PYTHON=/usr/bin/python3.12.
+#
+# Depends (packaging/deb-depends.sh): python3.X, fuse3, and what dpkg-shlibdeps finds for the
+# compiled extensions, so the libfuse3 package is the one pyfuse3 was linked with: libfuse3-3 on
+# Debian 12 and Ubuntu, libfuse3-4 on Debian 13. The package installs on the release it was
+# built on (and on later ones that still ship those libraries).
 #
 # Needs network access to PyPI. Missing build tools are installed with apt-get (as root, or
 # through sudo). pip's cache is used, so a rebuild does not compile pyfuse3 again.
@@ -45,32 +54,29 @@ die() {
     exit 1
 }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-
 command -v dpkg-deb >/dev/null || die "dpkg-deb is missing (Debian package: dpkg)"
 
 # -- the interpreter ------------------------------------------------------------------------
-pick_python() {
-    local candidate
-    for candidate in /usr/bin/python3 /usr/bin/python3.13 /usr/bin/python3.12 /usr/bin/python3.11; do
-        if [ -x "$candidate" ] &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-            echo "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
-python=${PYTHON:-$(pick_python || true)}
-if [ -z "$python" ]; then
-    echo "build-deb: no Python >= 3.11 in /usr/bin; installing python3.11" >&2
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends python3.11 >/dev/null
-    python=/usr/bin/python3.11
+# scripts/setup.sh's choice, on the system's PATH only: /usr/bin/python3 when it is 3.11+,
+# else the distribution's python3 package or a versioned python3.1X from the archive.
+# shellcheck source=scripts/setup.sh
+source "$here/scripts/setup.sh"
+if [ -z "${PYTHON:-}" ]; then
+    PATH=/usr/sbin:/usr/bin:/sbin:/bin choose_python || die "$choose_error"
+    missing=()
+    mapfile -t missing < <(missing_packages "${python_packages[@]}")
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "build-deb: installing ${missing[*]}" >&2
+        apt_update_once
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    python=$chosen_python
+else
+    python=$PYTHON
 fi
+[ -x "$python" ] || die "$python does not exist"
 pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+at_least_311 "$pyver" || die "$python is Python $pyver; remotefs needs 3.11 or newer"
 # The venv's bin/python points at the versioned interpreter, owned by package python3.X.
 python=/usr/bin/python$pyver
 [ -x "$python" ] || die "$python does not exist"
@@ -80,12 +86,12 @@ python_package=python$pyver
 
 # -- build dependencies ---------------------------------------------------------------------
 missing=()
-for pkg in "python$pyver-venv" "python$pyver-dev" libfuse3-dev pkg-config gcc; do
+for pkg in "python$pyver-venv" "python$pyver-dev" libfuse3-dev pkg-config gcc dpkg-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "build-deb: installing build dependencies: ${missing[*]}" >&2
-    as_root apt-get update -qq
+    apt_update_once
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
@@ -175,18 +181,12 @@ if leftovers=$(grep -rlF "$stage" "$stage"); then
 fi
 
 # -- control files --------------------------------------------------------------------------
-# Shared libraries the compiled extensions need, mapped to the packages that ship them
-# (a small dpkg-shlibdeps, without version constraints). libfuse3-3 is among them.
-libs_packages=$(
-    find "$venv" -name '*.so*' -type f -print0 | xargs -0 -r ldd 2>/dev/null |
-        awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
-        while read -r lib; do dpkg -S "$(readlink -f "$lib")" 2>/dev/null || dpkg -S "$lib" 2>/dev/null || true; done |
-        cut -d: -f1 | sort -u | grep -v "^$python_package\$\|^libpython" || true
-)
-depends="$python_package, fuse3, libfuse3-3"
-for pkg in $libs_packages; do
-    case ", $depends, " in *", $pkg, "*) ;; *) depends="$depends, $pkg" ;; esac
-done
+# The interpreter, fuse3, and the shared libraries of the compiled extensions with their minimum
+# versions (dpkg-shlibdeps): see packaging/deb-depends.sh.
+mapfile -d '' extensions < <(find "$venv" -name '*.so*' -type f -print0)
+depends=$("$here/packaging/deb-depends.sh" "$python_package" "${extensions[@]}") ||
+    die "could not compute the package's dependencies"
+echo "build-deb: Depends: $depends" >&2
 
 mkdir -p "$stage/DEBIAN"
 cat >"$stage/DEBIAN/control" <<EOF

@@ -155,7 +155,15 @@ def test_build_install_mount_remove(
         assert [deb.name for deb in debs] == [f"remotefs_{VERSION}_{arch}.deb"]
         fields = ok(run("dpkg-deb", "-f", debs[0], "Package", "Version", "Depends"))
         assert f"Version: {VERSION}" in fields
-        assert "fuse3" in fields and "libfuse3-3" in fields and "python3." in fields
+        # Computed from the build (packaging/deb-depends.sh): the interpreter, fuse3, and the
+        # libfuse3 package of this release (libfuse3-3 on Debian 12, libfuse3-4 on 13).
+        depends = fields.split("Depends: ", 1)[1].strip()
+        names = [part.split()[0] for part in depends.split(", ")]
+        system_python = ok(run("/usr/bin/python3", "-c", "import sys; print(sys.version_info[1])"))
+        assert names[:2] == [f"python3.{system_python.strip()}", "fuse3"], depends
+        libfuse = [name for name in names if name.startswith("libfuse3-")]
+        assert len(libfuse) == 1, depends
+        assert ok(run("dpkg-query", "-W", "-f=${Status}", libfuse[0])) == "install ok installed"
 
         # -- install
         ok(run("apt-get", "install", "-y", "--no-install-recommends", debs[0], timeout=300))
