@@ -15,6 +15,7 @@ import json
 import os
 import random
 import select
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -322,3 +323,22 @@ def test_mount_shows_probe_progress_on_a_terminal(
     assert "remotefs: probed " in text and " of 600 URLs" in text, text
     assert text.endswith("\r\x1b[K"), repr(text[-80:])  # the line is cleared at the end
     assert len(os.listdir(mnt)) == 600
+
+
+def test_a_dead_origin_with_thousands_of_urls_costs_a_few_probe_timeouts(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on: every connection is refused
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    virtual_origin.files["alive.bin"] = VirtualFile(5000, seed=3)
+    lines = [f"http://127.0.0.1:{dead}/d{index:04d}.bin" for index in range(3000)]
+    started = time.monotonic()
+    mount = remotefs.mount([virtual_origin.url("alive.bin"), *lines], "--probe-timeout", "1")
+    assert time.monotonic() - started < 25
+    assert os.listdir(mount.path) == ["alive.bin"]
+    assert (mount.path / "alive.bin").read_bytes() == expected(3, 0, 5000)
+    log = mount.log_text()
+    assert f"http://127.0.0.1:{dead} does not answer probes" in log
+    assert log.count("not shown until its URL answers") == 10  # then only counted
+    assert f"more files of http://127.0.0.1:{dead}: see above" in log

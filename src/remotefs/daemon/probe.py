@@ -27,7 +27,7 @@ import httpx
 import trio
 
 from ..config.options import MountOptions
-from ..http.errors import HttpSourceError, PermanentError
+from ..http.errors import HttpSourceError, PermanentError, TransientError
 from ..http.probe_client import ProbeClient
 from ..http.retry import retry_until
 from ..http.source import HttpSource, RemoteMeta
@@ -47,6 +47,59 @@ class ProbeFailedError(PermanentError):
     """Probing one URL raised something unexpected (a bug, or an answer nothing anticipated)."""
 
 
+class OriginDownError(TransientError):
+    """Not sent: the URL's origin failed its last probes; it is given a rest first."""
+
+
+#: Consecutive probes of one origin that must fail (each after its whole timeout) before the
+#: origin counts as down.
+DOWN_AFTER = 3
+
+
+@dataclass
+class OriginHealth:
+    """Whether an origin answers probes: a dead origin with 100,000 URLs must cost a few
+    probe timeouts, not 100,000 of them (hours before a mount could return).
+
+    After `DOWN_AFTER` consecutive transient failures (refused, timed out, 5xx) the origin is
+    down for a while (5 s, doubling up to 5 min); probes of its URLs then fail at once, and
+    the first one after the rest goes through. Any answer from the origin (even a 404)
+    makes it healthy again.
+    """
+
+    failures: int = 0
+    rest: float = 0.0
+    until: float = float("-inf")
+    last: str = ""
+
+    def down(self, now: float) -> str | None:
+        """Why the origin counts as down at *now*, or None."""
+        if now < self.until:
+            return f"its origin did not answer the last probes ({self.last}); not asked again yet"
+        return None
+
+    def note(self, result: ProbeResult, now: float, key: tuple[str, str, int | None]) -> None:
+        if not (isinstance(result, HttpSourceError) and result.transient):
+            if self.failures >= DOWN_AFTER:
+                log.info("%s answers probes again", origin_name(key))
+            self.failures, self.rest = 0, 0.0
+            return
+        if isinstance(result, OriginDownError):
+            return
+        self.failures += 1
+        self.last = str(result)[:200]
+        if self.failures >= DOWN_AFTER:
+            self.rest = min(max(self.rest * 2, REPROBE_FIRST_DELAY), REPROBE_MAX_DELAY)
+            self.until = now + self.rest
+            if self.failures == DOWN_AFTER:
+                log.warning(
+                    "%s does not answer probes (%s); its other URLs fail at once for %.0fs",
+                    origin_name(key),
+                    self.last,
+                    self.rest,
+                )
+
+
 @dataclass(frozen=True)
 class ProbeStatistics:
     """Progress of probing, for the mount's progress line and `remotefs status`."""
@@ -57,6 +110,13 @@ class ProbeStatistics:
     #: Probes answered by the fast client, and those that went through httpx.
     fast: int
     general: int
+
+
+def origin_name(key: tuple[str, str, int | None]) -> str:
+    """``http://host:port`` of an origin key, for messages."""
+    scheme, host, port = key
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + (f":{port}" if port else "")
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:
@@ -85,6 +145,7 @@ class Prober:
         self._per_origin = int(per_origin)
         self._all = trio.CapacityLimiter(MAX_PROBES)
         self._origins: dict[tuple[str, str, int | None], trio.CapacityLimiter] = {}
+        self._health: dict[tuple[str, str, int | None], OriginHealth] = {}
         self._queued = 0
         self._done = 0
         self._in_flight = 0
@@ -111,25 +172,33 @@ class Prober:
     async def probe(self, url: str) -> ProbeResult:
         """Probe *url* within ``--probe-timeout`` from when it may send; never raises.
 
-        Transient failures are retried until then; the error is returned, not raised.
+        Transient failures are retried until then; the error is returned, not raised. While
+        the URL's origin is down (`OriginHealth`), the probe fails at once.
         """
+        key = origin_of(url)
+        health = self._health.setdefault(key, OriginHealth())
         async with self._limiter(url), self._all:
+            down = health.down(trio.current_time())
+            if down is not None:
+                return OriginDownError(f"probe {redact_url(url)}: {down}")
             self._in_flight += 1
             try:
-                return await retry_until(
+                result: ProbeResult = await retry_until(
                     lambda: self._attempt(url),
                     deadline=trio.current_time() + self._options.probe_timeout,
                     describe=f"probe {redact_url(url)}",
                 )
             except HttpSourceError as err:
-                return err
+                result = err
             except Exception as err:
                 log.exception("probe of %s failed unexpectedly", redact_url(url))
-                return ProbeFailedError(
+                result = ProbeFailedError(
                     f"probe {redact_url(url)}: unexpected {type(err).__name__}: {err}"[:300]
                 )
             finally:
                 self._in_flight -= 1
+            health.note(result, trio.current_time(), key)
+            return result
 
     async def _attempt(self, url: str) -> RemoteMeta:
         meta = await self.client.probe(url)

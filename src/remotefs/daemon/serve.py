@@ -58,7 +58,7 @@ from ..redact import redact_url
 from .control import ControlServer
 from .loop_monitor import LoopMonitor
 from .notify import notify_enabled, sd_notify
-from .probe import MAX_PROBES, Prober, ProbeResult, ProbeRetrier, origin_of
+from .probe import MAX_PROBES, Prober, ProbeResult, ProbeRetrier, origin_name, origin_of
 
 log = logging.getLogger(__name__)
 
@@ -386,10 +386,9 @@ class Daemon:
         for origin, count in self._failures_logged.items():
             if count > LOGGED_FAILURES:
                 log.warning(
-                    "... and %d more files of %s://%s: see above",
+                    "... and %d more files of %s: see above",
                     count - LOGGED_FAILURES,
-                    origin[0],
-                    origin[1],
+                    origin_name(origin),
                 )
         self._spawn(self._save_catalog)
 
@@ -482,7 +481,7 @@ class Daemon:
         origin = origin_of(url)
         if origin in self._down_origins:
             self._down_origins.discard(origin)
-            log.info("%s://%s answers again", origin[0], origin[1])
+            log.info("%s answers again", origin_name(origin))
         for path in sorted(self._missing_urls.pop(url, ())):
             entry = self._missing.pop(path, None)
             if entry is not None and self._current(entry):
