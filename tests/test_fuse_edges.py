@@ -342,3 +342,19 @@ def test_a_dead_origin_with_thousands_of_urls_costs_a_few_probe_timeouts(
     assert f"http://127.0.0.1:{dead} does not answer probes" in log
     assert log.count("not shown until its URL answers") == 10  # then only counted
     assert f"more files of http://127.0.0.1:{dead}: see above" in log
+
+
+def test_reload_of_a_big_list_with_more_urls_lists_every_one_it_reports(
+    virtual_origin: VirtualOrigin, remotefs: MountFactory
+) -> None:
+    origin = virtual_origin
+    names = [f"r{index:05d}.bin" for index in range(3100)]
+    for index, name in enumerate(names):
+        origin.files[name] = VirtualFile(10 + index, seed=index)
+    mount = remotefs.mount([origin.url(name) for name in names[:3000]])
+    mount.urls_file.write_text("".join(origin.url(name) + "\n" for name in names))
+    result = run_remotefs("reload", mount.path)
+    assert result.returncode == 0, result.stderr
+    assert "100 added, 0 removed, 0 changed (3100 files;" in result.stdout
+    assert sorted(os.listdir(mount.path)) == names  # what it reported is what is there
+    assert (mount.path / names[-1]).read_bytes() == expected(3099, 0, 3109)

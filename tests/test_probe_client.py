@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from remotefs.config.options import MountOptions
-from remotefs.daemon.probe import Prober
+from remotefs.daemon.probe import ProbeFailedError, Prober
 from remotefs.http.errors import PermanentError, ProtocolViolationError
 from remotefs.http.probe_client import ProbeClient
 from remotefs.http.source import HttpSource, RemoteMeta
@@ -119,3 +119,35 @@ def test_a_closed_keep_alive_connection_is_retried_on_a_fresh_one(
 
     first, second = trio.run(main)
     assert first is not None and second is not None and first == second
+
+
+def test_an_unexpected_exception_while_probing_is_that_urls_result(
+    tmp_path: Path, virtual_origin: VirtualOrigin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash in a probe once ended the whole mount ("Exceptions from Trio nursery")."""
+    virtual_origin.files["ok"] = VirtualFile(10)
+    options = MountOptions(cache_dir=tmp_path / "cache")
+    source = HttpSource(options)
+    prober = Prober(source, options)
+    real = prober.client.probe
+
+    async def crashing(url: str) -> RemoteMeta | None:
+        if url.endswith("/boom"):
+            raise ZeroDivisionError("a bug")
+        return await real(url)
+
+    monkeypatch.setattr(prober.client, "probe", crashing)
+    results: dict[str, object] = {}
+
+    async def main() -> None:
+        urls = [virtual_origin.url("boom"), virtual_origin.url("ok")]
+        await prober.probe_many(urls, results.__setitem__)
+        await prober.aclose()
+        await source.aclose()
+
+    trio.run(main)
+    boom = results[virtual_origin.url("boom")]
+    assert isinstance(boom, ProbeFailedError)
+    assert "unexpected ZeroDivisionError: a bug" in str(boom)
+    ok = results[virtual_origin.url("ok")]
+    assert isinstance(ok, RemoteMeta) and ok.size == 10
