@@ -17,6 +17,7 @@ import random
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -358,3 +359,45 @@ def test_reload_of_a_big_list_with_more_urls_lists_every_one_it_reports(
     assert "100 added, 0 removed, 0 changed (3100 files;" in result.stdout
     assert sorted(os.listdir(mount.path)) == names  # what it reported is what is there
     assert (mount.path / names[-1]).read_bytes() == expected(3099, 0, 3109)
+
+
+def test_an_origin_that_ignores_range_is_named_in_the_log_and_in_status(
+    remotefs: MountFactory, tmp_path: Path
+) -> None:
+    """``python3 -m http.server``, the first origin anyone tries, ignores Range: a 4 KiB read
+    then costs the whole file. The user hears why, once per file, and sees it in status."""
+    root = tmp_path / "served"
+    root.mkdir()
+    data = os.urandom(3 * MiB)
+    (root / "plain.bin").write_bytes(data)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as attempt:
+                if attempt.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "http.server did not start"
+            time.sleep(0.05)
+        mount = remotefs.mount([f"http://127.0.0.1:{port}/plain.bin"])
+        assert read_at(mount.path / "plain.bin", MiB, 4096) == data[MiB : MiB + 4096]
+        log = mount.log_text()
+        message = "plain.bin: the origin ignores Range requests: the first read downloads the whole"
+        assert log.count(message) == 1, log
+        row = status(mount.path)["files"][0]
+        assert row["note"] == "the origin ignores Range: the whole file is downloaded once"
+        assert (
+            "note: the origin ignores Range" in run_remotefs("status", "--once", mount.path).stdout
+        )
+        assert (mount.path / "plain.bin").read_bytes() == data
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -377,7 +377,7 @@ class ControlServer:
         note = None
         if not cached.cacheable:
             note = f"served uncached: {cached.uncached_reason}"
-        elif not cached.remote.accepts_ranges and not cached.complete:
+        elif not cached.remote.accepts_ranges:
             note = "the origin ignores Range: the whole file is downloaded once"
         return {
             "path": path,
