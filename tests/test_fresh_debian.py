@@ -28,18 +28,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from .chroot import Chroot, fresh_chroot, mounts_under
+from .chroot import Chroot, copy_repository, fresh_chroot, mounts_under
 from .conftest import IN_CI, write_random
 from .origin import Origin
 from .readme import command_lines, readme_block
 
-ROOT = Path(__file__).resolve().parent.parent
 REPO_IN_CHROOT = "/root/remotefs"
 #: What each release must give: its python3 and the libfuse3 package pyfuse3 links against.
 RELEASES = {
@@ -81,26 +79,6 @@ def host_tools(fuse_available: None) -> None:
         _unavailable(f"missing {', '.join(missing)} (scripts/setup.sh test installs them)")
     if "overlay" not in Path("/proc/filesystems").read_text():
         _unavailable("the kernel has no overlay filesystem")
-
-
-def copy_repository(destination: Path) -> int:
-    """Copy the git-tracked files of the working tree (as they are now) to *destination*."""
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z"],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout.decode()
-    count = 0
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if not source.is_symlink() and not source.exists():
-            continue  # deleted in the working tree, not yet committed
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target, follow_symlinks=False)
-        count += 1
-    return count
 
 
 def snapshot(chroot: Chroot) -> set[str]:
