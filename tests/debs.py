@@ -37,7 +37,10 @@ class DebBuilds:
         return target
 
     def get(self, suite: str, include: tuple[str, ...] = ()) -> Path:
-        """The .deb for *suite*, built now in a chroot of the tree with *include* if needed."""
+        """The .deb for *suite*, built now in a chroot of the tree with *include* if needed.
+
+        Call it outside ``base_tree()`` of that tree: building takes the tree's lock.
+        """
         if suite not in self.debs:
             started = time.monotonic()
             with base_tree(suite, include) as tree:
