@@ -213,10 +213,12 @@ main() {
 
     packages=(fuse3 libfuse3-dev pkg-config gcc)
     if [ "$want_tests" = "test" ]; then
-        # systemd: systemd-analyze verifies the unit file (not run as init by the tests).
+        # systemd: systemd-analyze verifies the unit file.
         # attr: getfattr in the README's quick start. dpkg-dev: dpkg-shlibdeps for the .deb's
-        # Depends. debootstrap: the fresh-machine test's Debian trees.
-        packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl attr dpkg-dev debootstrap)
+        # Depends. debootstrap: the fresh-machine test's Debian trees. systemd-container:
+        # systemd-nspawn boots those trees with systemd as PID 1 (tests/test_systemd_live.py).
+        packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl attr dpkg-dev debootstrap
+            systemd-container)
     fi
     if ! choose_python; then
         echo "setup: $choose_error" >&2

@@ -2,9 +2,13 @@
 
 ``base_tree(suite)`` keeps one ``debootstrap --variant=minbase`` tree per suite in
 ``/var/tmp/remotefs-test-trees/SUITE``, stamped with the suite, variant, mirror and
-``TREE_FORMAT`` beside it (``SUITE.stamp``). A tree with a missing or different stamp, older than
-``MAX_AGE``, or whose dpkg database is damaged is built again (into ``SUITE.new``, then renamed,
-so an interrupted debootstrap never counts as a tree). An exclusive ``flock`` guards building,
+``TREE_FORMAT`` beside it (``SUITE.stamp``). ``base_tree(suite, include=(...))`` keeps another
+tree per suite and package set, built with ``debootstrap --include=...`` (``SUITE-with-PKG-...``,
+its stamp listing the packages), so a test that needs more than a fresh system (the live-systemd
+tier boots one with systemd, tests/nspawn.py) does not change the fresh tree. A tree with a
+missing or different stamp, older than ``MAX_AGE``, whose dpkg database is damaged or that lacks
+an included package is built again (into ``NAME.new``, then renamed, so an interrupted
+debootstrap never counts as a tree). An exclusive ``flock`` guards building,
 a shared one using, so parallel test runs neither build twice nor pull a tree from under each
 other.
 
@@ -30,9 +34,10 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+REPOSITORY = Path(__file__).resolve().parent.parent
 TREES = Path("/var/tmp/remotefs-test-trees")
 MIRROR = "http://deb.debian.org/debian"
 #: Bump to rebuild every cached tree (e.g. when what a tree must contain changes).
@@ -162,17 +167,34 @@ def _clean_dead_runs() -> None:
 # -- the cached base trees ---------------------------------------------------------------------
 
 
-def _stamp(suite: str) -> dict[str, object]:
-    return {"suite": suite, "variant": "minbase", "mirror": MIRROR, "format": TREE_FORMAT}
+def tree_name(suite: str, include: Sequence[str] = ()) -> str:
+    """The cached tree's directory name: the suite, plus the extra packages when there are any."""
+    packages = sorted(set(include))
+    return "-".join([suite, "with", *packages]) if packages else suite
 
 
-def _tree_ok(suite: str, tree: Path) -> bool:
-    stamp_file = TREES / f"{suite}.stamp"
+def _stamp(suite: str, include: Sequence[str] = ()) -> dict[str, object]:
+    stamp: dict[str, object] = {
+        "suite": suite,
+        "variant": "minbase",
+        "mirror": MIRROR,
+        "format": TREE_FORMAT,
+    }
+    if include:  # the plain tree's stamp stays as it was, so its cached trees stay valid
+        stamp["include"] = sorted(set(include))
+    return stamp
+
+
+def _tree_ok(suite: str, tree: Path, include: Sequence[str] = ()) -> bool:
+    stamp_file = TREES / f"{tree.name}.stamp"
     try:
         stamp = json.loads(stamp_file.read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(stamp, dict) or {k: stamp.get(k) for k in _stamp(suite)} != _stamp(suite):
+    wanted = _stamp(suite, include)
+    if not isinstance(stamp, dict) or {k: stamp.get(k) for k in wanted} != wanted:
+        return False
+    if not include and "include" in stamp:
         return False
     created = stamp.get("created")
     if not isinstance(created, int | float) or time.time() - created > MAX_AGE:
@@ -181,16 +203,31 @@ def _tree_ok(suite: str, tree: Path) -> bool:
         if not (tree / needed).exists():
             return False
     audit = _run("chroot", tree, "/usr/bin/dpkg", "--audit", check=False)
-    return audit.returncode == 0 and not audit.stdout.strip()
+    if audit.returncode != 0 or audit.stdout.strip():
+        return False
+    if include:
+        query = ["/usr/bin/dpkg-query", "-W", "-f", "${Status}\n", *include]
+        installed = _run("chroot", tree, *query, check=False)
+        statuses = installed.stdout.splitlines()
+        return installed.returncode == 0 and statuses == ["install ok installed"] * len(include)
+    return True
 
 
-def _build_tree(suite: str, tree: Path) -> None:
-    new = TREES / f"{suite}.new"
+def _build_tree(suite: str, tree: Path, include: Sequence[str] = ()) -> None:
+    new = TREES / f"{tree.name}.new"
     teardown(new)  # an interrupted earlier build (debootstrap mounts proc and sys inside)
-    (TREES / f"{suite}.stamp").unlink(missing_ok=True)
+    (TREES / f"{tree.name}.stamp").unlink(missing_ok=True)
+    extra: list[str] = [f"--include={','.join(sorted(set(include)))}"] if include else []
     try:
         result = _run(
-            "debootstrap", "--variant=minbase", suite, new, MIRROR, timeout=600, check=False
+            "debootstrap",
+            "--variant=minbase",
+            *extra,
+            suite,
+            new,
+            MIRROR,
+            timeout=900,
+            check=False,
         )
         if result.returncode != 0:
             log = new / "debootstrap" / "debootstrap.log"
@@ -204,20 +241,24 @@ def _build_tree(suite: str, tree: Path) -> None:
         raise
     teardown(tree)
     new.rename(tree)
-    stamp = {**_stamp(suite), "created": time.time()}
-    (TREES / f"{suite}.stamp").write_text(json.dumps(stamp) + "\n")
+    stamp = {**_stamp(suite, include), "created": time.time()}
+    (TREES / f"{tree.name}.stamp").write_text(json.dumps(stamp) + "\n")
 
 
 @contextlib.contextmanager
-def base_tree(suite: str) -> Iterator[Path]:
-    """The cached minbase tree of *suite*, built first when missing, stale or broken."""
+def base_tree(suite: str, include: Sequence[str] = ()) -> Iterator[Path]:
+    """The cached minbase tree of *suite* (with the *include* packages too, when given).
+
+    It is built first when missing, stale or broken.
+    """
     TREES.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with open(TREES / f"{suite}.lock", "a") as lock:
+    name = tree_name(suite, include)
+    with open(TREES / f"{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _clean_dead_runs()
-        tree = TREES / suite
-        if not _tree_ok(suite, tree):
-            _build_tree(suite, tree)
+        tree = TREES / name
+        if not _tree_ok(suite, tree, include):
+            _build_tree(suite, tree, include)
         # Others may use it at the same time; nobody rebuilds it while we do.
         fcntl.flock(lock, fcntl.LOCK_SH)
         yield tree
@@ -314,3 +355,23 @@ def fresh_chroot(suite: str) -> Iterator[Chroot]:
             yield chroot
         finally:
             chroot.close()
+
+
+def copy_repository(destination: Path) -> int:
+    """Copy the git-tracked files of the working tree (as they are now) to *destination*."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "ls-files", "-z"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    count = 0
+    for name in filter(None, listed.split("\0")):
+        source = REPOSITORY / name
+        if not source.is_symlink() and not source.exists():
+            continue  # deleted in the working tree, not yet committed
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+        count += 1
+    return count

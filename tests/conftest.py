@@ -12,6 +12,7 @@ import pytest
 
 from remotefs.config.options import MountOptions
 
+from .debs import DebBuilds
 from .mounting import MountFactory
 from .origin import Origin
 from .virtual_origin import VirtualOrigin
@@ -70,6 +71,12 @@ def remotefs(fuse_available: None, tmp_path: Path) -> Iterator[MountFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def built_debs(tmp_path_factory: pytest.TempPathFactory) -> DebBuilds:
+    """The project's .deb per Debian release, built at most once per session (tests/debs.py)."""
+    return DebBuilds(tmp_path_factory.mktemp("debs"))
 
 
 def write_random(path: Path, size: int, seed: int = 0) -> bytes:

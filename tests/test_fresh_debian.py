@@ -28,18 +28,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from .chroot import Chroot, fresh_chroot, mounts_under
+from .chroot import Chroot, copy_repository, fresh_chroot, mounts_under
 from .conftest import IN_CI, write_random
+from .debs import DebBuilds
 from .origin import Origin
 from .readme import command_lines, readme_block
 
-ROOT = Path(__file__).resolve().parent.parent
 REPO_IN_CHROOT = "/root/remotefs"
 #: What each release must give: its python3 and the libfuse3 package pyfuse3 links against.
 RELEASES = {
@@ -83,26 +82,6 @@ def host_tools(fuse_available: None) -> None:
         _unavailable("the kernel has no overlay filesystem")
 
 
-def copy_repository(destination: Path) -> int:
-    """Copy the git-tracked files of the working tree (as they are now) to *destination*."""
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z"],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout.decode()
-    count = 0
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if not source.is_symlink() and not source.exists():
-            continue  # deleted in the working tree, not yet committed
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target, follow_symlinks=False)
-        count += 1
-    return count
-
-
 def snapshot(chroot: Chroot) -> set[str]:
     """Every path under the directories a package installs into (symlinks not followed)."""
     paths: set[str] = set()
@@ -140,7 +119,7 @@ class Steps:
 @pytest.mark.timeout(BUDGET + 300)  # + building the tree (about a minute) and the teardown
 @pytest.mark.parametrize("suite", _suites())
 def test_fresh_debian_setup_mount_and_package(
-    suite: str, host_tools: None, origin: Origin, origin_root: Path
+    suite: str, host_tools: None, origin: Origin, origin_root: Path, built_debs: DebBuilds
 ) -> None:
     release = RELEASES[suite]
     data = write_random(origin_root / "smoke.bin", 3 * 1024 * 1024 + 12345)
@@ -161,7 +140,16 @@ def test_fresh_debian_setup_mount_and_package(
         print(f"[{suite}] tree ready after {time.monotonic() - started:.0f} s")
         try:
             before = _run_steps(
-                chroot, steps, suite, release, origin, digest, setup_block, build, install
+                chroot,
+                steps,
+                suite,
+                release,
+                origin,
+                digest,
+                setup_block,
+                build,
+                install,
+                built_debs,
             )
             _purge_and_compare(chroot, steps, purge, before)
         finally:
@@ -180,8 +168,12 @@ def _run_steps(
     setup_block: list[str],
     build: str,
     install: str,
+    built_debs: DebBuilds,
 ) -> set[str]:
-    """Set-up, mount, build, install, mount again; returns the file list before the install."""
+    """Set-up, mount, build, install, mount again; returns the file list before the install.
+
+    The .deb, once its Depends are checked, goes to *built_debs* for the live-systemd tier.
+    """
     repo = chroot.path(REPO_IN_CHROOT)
     assert copy_repository(repo) > 50
     (repo / "urls.txt").write_text(f"{origin.url('smoke.bin')}\n")
@@ -217,6 +209,7 @@ def _run_steps(
     assert names[:2] == [f"python{release['python']}", "fuse3"], depends
     assert release["libfuse"] in names, depends
     assert not any(name.startswith("libfuse3-") and name != release["libfuse"] for name in names)
+    built_debs.add(suite, chroot.path(deb), "built by the fresh-machine test")
 
     before = snapshot(chroot)
     chroot.run(f"cd {REPO_IN_CHROOT}\n{install}", timeout=300, answer="y\n")

@@ -250,8 +250,14 @@ def test_unit_settings() -> None:
         *("ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectProc"),
         *("ProtectControlGroups", "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem"),
         *("BindPaths", "BindReadOnlyPaths", "RootDirectory", "RootImage", "DynamicUser"),
+        *("PrivateIPC", "ProcSubset", "ReadWritePaths", "MountFlags", "PrivateUsers"),
     }
     assert not namespaced & settings.keys()
+    # Hardening that keeps the mount visible (tests/test_systemd_live.py boots it under systemd).
+    for kept in ("NoNewPrivileges", "MemoryDenyWriteExecute", "ProtectClock", "ProtectHostname"):
+        assert settings[kept] == ["yes"], kept
+    assert settings["SystemCallFilter"] == ["@system-service @mount"]
+    assert settings["LimitNOFILE"] == ["65536"]
 
 
 def test_stop_post_clears_only_its_own_dead_mount(

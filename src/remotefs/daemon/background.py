@@ -43,7 +43,6 @@ def run_in_background(child: ChildMain, log_fd: int, log_file: str) -> int:
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        os.setsid()
         done = False
 
         def send(line: str) -> None:
@@ -55,6 +54,10 @@ def run_in_background(child: ChildMain, log_fd: int, log_file: str) -> int:
                 done = True
                 send(READY)
                 os.close(write_end)
+                # Only now, mounted: systemd lets the process group of a mount helper past
+                # the automount it is mounting (x-systemd.automount); a session of our own
+                # before the mount would wait for that automount, which waits for us.
+                os.setsid()
 
         def error(text: str) -> None:
             nonlocal done

@@ -39,7 +39,9 @@ def check_mountpoint(path: Path) -> Path:
         if err.errno == errno.ENOTCONN:
             raise MountpointError(_stale(absolute)) from None
         raise MountpointError(f"mountpoint {absolute}: {err.strerror}") from None
-    if str(absolute) in mounted_paths():
+    if str(absolute) in mounted_paths() and mount_types().get(str(absolute)) != "autofs":
+        # An autofs mount is systemd's automount point (x-systemd.automount): the mount
+        # goes on top of it, which is what the automount waits for.
         raise MountpointError(
             f"mountpoint {absolute} is already a mount point; unmount it first:"
             f" remotefs unmount {absolute}"
@@ -78,6 +80,21 @@ def mounted_paths() -> set[str]:
         for line in lines
         if line.count(" ") >= 2
     }
+
+
+def mount_types() -> dict[str, str]:
+    """The filesystem type of the topmost mount at each mountpoint (/proc/self/mounts)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return {}
+    types: dict[str, str] = {}
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) >= 3:
+            types[_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])] = fields[2]
+    return types
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
