@@ -40,6 +40,7 @@ FILE_XATTRS = {
     "user.remotefs.complete",
     "user.remotefs.etag",
     "user.remotefs.content_type",
+    "user.remotefs.validated",
 }
 
 
@@ -146,6 +147,7 @@ def test_status_and_xattrs_equal_what_the_origin_served(
     assert xattr(target, "user.remotefs.url") == entry["url"]
     assert xattr(target, "user.remotefs.etag") == make_etag(os.stat(origin_root / "data.bin"))
     assert xattr(target, "user.remotefs.content_type") == "application/octet-stream"
+    assert xattr(target, "user.remotefs.validated").endswith("Z; fresh for 60s after it")
     with pytest.raises(OSError):
         os.getxattr(target, "user.remotefs.nope")
 
@@ -397,7 +399,9 @@ def test_evict_stops_background_fill_of_the_file_for_good(
     data = write_random(origin_root / "f.bin", size)
     slow_origin.pause = 0.1  # a 4 MiB fill request lasts ~1.6 s
     # A fresh mount is idle: the fill starts at once.
-    mount = remotefs.mount([slow_origin.url("f.bin")], "--fill-idle", "0.3", fill=True)
+    mount = remotefs.mount(
+        [slow_origin.url("f.bin")], "--fill-idle", "0.3", "--fill", "all", fill=True
+    )
     target = mount.path / "f.bin"
     deadline = time.monotonic() + 20
     while file_status(mount, "f.bin")["state"] != "filling":

@@ -131,10 +131,10 @@ def test_an_unexpected_exception_while_probing_is_that_urls_result(
     prober = Prober(source, options)
     real = prober.client.probe
 
-    async def crashing(url: str) -> RemoteMeta | None:
+    async def crashing(url: str, previous: RemoteMeta | None = None) -> RemoteMeta | None:
         if url.endswith("/boom"):
             raise ZeroDivisionError("a bug")
-        return await real(url)
+        return await real(url, previous)
 
     monkeypatch.setattr(prober.client, "probe", crashing)
     results: dict[str, object] = {}

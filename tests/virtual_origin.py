@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.utils
 import random
 import sys
 import threading
@@ -58,6 +59,10 @@ class VirtualFile:
     data_total: str | None = None
     #: Answer Range requests (False: 200 with the whole body).
     ranges: bool = True
+    #: Sent as Cache-Control, when set (max-age=5, no-cache, no-store).
+    cache_control: str | None = None
+    #: Sent as Expires (with a Date of now), when set: seconds from now.
+    expires_in: float | None = None
 
 
 @dataclass
@@ -67,6 +72,11 @@ class Stats:
     body_bytes: Counter[str] = field(default_factory=Counter)
     #: ``bytes=0-0`` requests answered.
     probes: Counter[str] = field(default_factory=Counter)
+    #: Requests with If-None-Match or If-Modified-Since, and those answered 304.
+    conditional: Counter[str] = field(default_factory=Counter)
+    not_modified: Counter[str] = field(default_factory=Counter)
+    #: The most requests in flight at once (after any delay, while answering).
+    max_in_flight: int = 0
 
 
 class VirtualOrigin:
@@ -83,6 +93,7 @@ class VirtualOrigin:
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._in_flight = 0
 
     def url(self, name: str) -> str:
         return f"http://{self.host}:{self.port}/{name}"
@@ -94,6 +105,16 @@ class VirtualOrigin:
     def body_bytes(self, name: str | None = None) -> int:
         with self._lock:
             return self.stats.body_bytes[name] if name else sum(self.stats.body_bytes.values())
+
+    def conditional(self, name: str | None = None) -> int:
+        with self._lock:
+            counter = self.stats.conditional
+            return counter[name] if name else sum(counter.values())
+
+    def not_modified(self, name: str | None = None) -> int:
+        with self._lock:
+            counter = self.stats.not_modified
+            return counter[name] if name else sum(counter.values())
 
     def probes(self, name: str | None = None) -> int:
         with self._lock:
@@ -168,9 +189,15 @@ class VirtualOrigin:
                     name, _, value = line.partition(":")
                     if name:
                         headers[name.strip().lower()] = value.strip()
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                keep = await self._respond(writer, method, target, headers)
+                self._in_flight += 1
+                with self._lock:
+                    self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
+                try:
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    keep = await self._respond(writer, method, target, headers)
+                finally:
+                    self._in_flight -= 1
                 await writer.drain()
                 if not keep or headers.get("connection", "").lower() == "close":
                     return
@@ -194,6 +221,25 @@ class VirtualOrigin:
             f"ETag: {file.etag}\r\nLast-Modified: {LAST_MODIFIED}\r\n"
             "Content-Type: application/octet-stream\r\n"
         )
+        if file.cache_control is not None:
+            common += f"Cache-Control: {file.cache_control}\r\n"
+        if file.expires_in is not None:
+            now = time.time()
+            common += f"Date: {_http_date(now)}\r\nExpires: {_http_date(now + file.expires_in)}\r\n"
+        none_match, modified_since = headers.get("if-none-match"), headers.get("if-modified-since")
+        if none_match is not None or modified_since is not None:
+            with self._lock:
+                self.stats.conditional[name] += 1
+            unchanged = (
+                none_match in ("*", file.etag)
+                if none_match is not None
+                else modified_since == LAST_MODIFIED
+            )
+            if unchanged:
+                with self._lock:
+                    self.stats.not_modified[name] += 1
+                writer.write(f"HTTP/1.1 304 Not Modified\r\n{common}\r\n".encode())
+                return True
         wanted = headers.get("range") if file.ranges else None
         if_range = headers.get("if-range")
         if wanted and if_range and if_range not in (file.etag, LAST_MODIFIED):
@@ -240,6 +286,10 @@ class VirtualOrigin:
             position += take
             with self._lock:
                 self.stats.body_bytes[name] += take
+
+
+def _http_date(when: float) -> str:
+    return email.utils.formatdate(when, usegmt=True)
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:

@@ -31,7 +31,7 @@ from .config.manifest import (
     load_manifest,
     parse_header_option,
 )
-from .config.options import MountOptions, default_cache_dir
+from .config.options import FILL_POLICIES, MountOptions, default_cache_dir
 from .control_client import COMMANDS as CONTROL_COMMANDS
 from .control_client import add_commands as add_control_commands
 from .control_client import run_command as run_control_command
@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--revalidate-wait",
         type=non_negative_float,
         default=defaults.revalidate_wait,
-        help="at mount, seconds files known from an earlier run wait for their origin to"
-        " confirm them before they are listed from the cache (default: 2)",
+        help="seconds an open of a stale file (and, at mount, a file known from an earlier"
+        " run) waits for its origin to confirm it before the cached version is used"
+        " (default: 2)",
     )
     mount.add_argument(
         "--checkpoint-interval",
@@ -188,10 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of a file's start fetched when it is opened, 0 to disable (default: 64K)",
     )
     mount.add_argument(
+        "--fill",
+        choices=FILL_POLICIES,
+        default=defaults.fill,
+        help="what background fill completes when the mount is idle: the files a program has"
+        " read (opened, the default), every listed file (all), or nothing (none)",
+    )
+    mount.add_argument(
         "--no-fill",
         dest="fill",
-        action="store_false",
-        help="do not complete files in the background when the mount is idle",
+        action="store_const",
+        const="none",
+        help="the same as --fill none",
+    )
+    mount.add_argument(
+        "--revalidate",
+        type=non_negative_float,
+        default=None,
+        metavar="SEC",
+        help="seconds a file stays fresh when its origin does not say (Cache-Control,"
+        " Expires); given, it also caps what the origin says; 0 asks on every open"
+        " (default: 60)",
     )
     mount.add_argument(
         "--fill-idle",
@@ -345,6 +363,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             probe_timeout=args.probe_timeout,
             probe_connections=args.probe_connections,
             revalidate_wait=args.revalidate_wait,
+            revalidate=args.revalidate,
             min_free=args.min_free,
             checkpoint_interval=args.checkpoint_interval,
             kernel_readahead=args.kernel_readahead,

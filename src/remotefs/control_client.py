@@ -255,6 +255,8 @@ def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
             notes[len(rows) - 1] = f"    prefetch paused: {entry['prefetch']['paused']}"
         elif entry.get("note"):
             notes[len(rows) - 1] = f"    note: {entry['note']}"
+        if entry.get("state") == "gone at origin":
+            notes[len(rows) - 1] = f"    {entry['error']}"
     hidden = status.get("hidden", 0)
     rows.append(
         [

@@ -34,7 +34,7 @@ from typing import Protocol
 import trio
 from pyroaring import BitMap
 
-from ..http.source import RemoteMeta
+from ..http.source import Freshness, RemoteMeta
 from . import safe_fs
 from .fd_cache import FdCache
 from .gaps import runs
@@ -103,6 +103,9 @@ class CachedFile:
         "_version",
         "bitmap",
         "block_size",
+        "checked_at",
+        "fresh_until",
+        "gone",
         "key",
         "meta",
         "name",
@@ -111,7 +114,10 @@ class CachedFile:
         "on_disk",
         "remote",
         "retired",
+        "retry_at",
+        "retry_delay",
         "uncached_reason",
+        "validated_at",
     )
 
     def __init__(
@@ -153,6 +159,16 @@ class CachedFile:
         #: Set by `remotefs evict`: background fill leaves this file alone (until a prefetch).
         self.no_fill = False
         self._save_lock: trio.Lock | None = None
+        # Freshness (see `freshness.Revalidator`, which owns these): when the origin last
+        # confirmed this version (seconds since the epoch, 0: never), until when (trio clock)
+        # it is fresh, when it was last asked, and when to ask again after a failure.
+        self.validated_at = 0.0
+        self.fresh_until = float("-inf")
+        self.checked_at = float("-inf")
+        self.retry_at = float("-inf")
+        self.retry_delay = 0.0
+        #: The origin answered 404 or 410 to a revalidation: served from the cache only.
+        self.gone = False
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -285,6 +301,24 @@ class CachedFile:
             raise
         self.bitmap.add_range(first, first + count)
         self._version += 1
+
+    def set_freshness(self, freshness: Freshness) -> None:
+        """The origin said anew how long this version stays fresh (a 304, say)."""
+        self.meta = replace(
+            self.meta,
+            max_age=freshness.max_age,
+            no_cache=freshness.no_cache,
+            no_store=freshness.no_store,
+        )
+        self.remote = self.meta.remote()
+        self._meta_dirty = True
+
+    def mark_opened(self) -> None:
+        """A program read this file: `--fill opened` completes it (remembered across mounts)."""
+        if not self.meta.opened:
+            self.meta = replace(self.meta, opened=True)
+            self._meta_dirty = True
+            self._version += 1
 
     def disable_ranges(self) -> None:
         """Remember that the origin ignores Range: fetch this file as one stream from now on."""

@@ -1,8 +1,11 @@
 """Idle background fill: complete partly read files while nobody reads.
 
 When no foreground read has arrived for ``fill_idle`` seconds, missing blocks are downloaded
-file by file (in mount order), largest contiguous gap first, over at most ``fill_connections``
-connections and at most ``fill_rate`` bytes per second, and never below the cache filesystem's
+(with ``--fill opened``, the default, only of files a program has read: the design is to
+finish what was started, as a browser completes a video; ``--fill all`` completes every
+listed file, for mirrors), file by file (in mount order), largest contiguous gap first, over
+at most ``fill_connections`` connections and at most ``fill_rate`` bytes per second, never
+a stale file before its origin confirmed it, and never below the cache filesystem's
 free-space reserve (``--min-free``). Planning costs time in the number of gaps, not of blocks
 (`gaps.py`), so a 16 TiB file does not stall the event loop. The next foreground read cancels the
 fill at once (`BlockFetcher.pause_fill`); every whole block already stored is kept. An origin
@@ -24,6 +27,7 @@ from ..http.errors import HttpSourceError
 from .cached_file import CachedFile, FileRetiredError
 from .disk_space import RECHECK_INTERVAL, FreeSpaceReserve
 from .fetcher import BlockFetcher, FillPaused
+from .freshness import Revalidator
 from .gaps import gaps_largest_first
 
 log = logging.getLogger(__name__)
@@ -49,17 +53,25 @@ class Filler:
         files: Callable[[], list[CachedFile]],
         options: MountOptions,
         reserve: FreeSpaceReserve | None = None,
+        revalidator: Revalidator | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._files = files
         self._options = options
         self._reserve = reserve
+        self._revalidator = revalidator
         self._backoff: dict[CachedFile, tuple[float, float]] = {}  # file -> (until, delay)
 
     def _next_file(self) -> CachedFile | None:
         now = trio.current_time()
         for file in self._files():
             if file.complete or file.retired or file.no_fill or not file.cacheable:
+                continue
+            if self._options.fill == "opened" and not file.meta.opened:
+                continue  # nobody read it: a list of 50 ISOs is not 50 downloads
+            if self._revalidator is not None and self._revalidator.is_stale(file):
+                # Never complete a version the origin may have replaced: ask first.
+                self._revalidator.in_background(file)
                 continue
             budget = self._fetcher.budget
             if budget is not None and not budget.has_room(FILL_CHUNK):

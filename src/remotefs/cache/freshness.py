@@ -88,7 +88,9 @@ class Revalidator:
         self._origin_of = origin_of
         self._flights: dict[CachedFile, trio.Event] = {}
         self._queue: deque[CachedFile] = deque()
-        self._queued: set[CachedFile] = set()
+        #: Files waiting in the queue, and when they were queued: one asked meanwhile (an
+        #: open did not wait for the queue) is not asked again when its turn comes.
+        self._queued: dict[CachedFile, float] = {}
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         #: Origins whose last revalidation failed (logged once, and again when back).
@@ -146,7 +148,7 @@ class Revalidator:
             or cached in self._queued
         ):
             return
-        self._queued.add(cached)
+        self._queued[cached] = now
         self._queue.append(cached)
         self._wake.set()
 
@@ -173,8 +175,13 @@ class Revalidator:
                 self._wake = trio.Event()
                 await self._wake.wait()
             cached = self._queue.popleft()
-            self._queued.discard(cached)
-            if cached.retired or not self.is_stale(cached) or cached in self._flights:
+            queued_at = self._queued.pop(cached, float("-inf"))
+            if (
+                cached.retired
+                or not self.is_stale(cached)
+                or cached in self._flights
+                or cached.checked_at >= queued_at
+            ):
                 continue
             done = self._flights[cached] = trio.Event()
             await self._revalidate(cached, done)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pyroaring import BitMap
 
-from ..http.source import RemoteMeta
+from ..http.source import Freshness, RemoteMeta
 from .atomic import atomic_write
 
 _HEADER = struct.Struct("<4sHQI")  # magic, version, payload length, crc32
@@ -41,6 +41,12 @@ class CacheMeta:
     accepts_ranges: bool
     block_size: int
     complete: bool = False
+    # How long the origin said this version stays fresh (see `Freshness`).
+    max_age: float | None = None
+    no_cache: bool = False
+    no_store: bool = False
+    #: A program read this file (`--fill opened` completes only such files).
+    opened: bool = False
 
     @classmethod
     def from_remote(cls, remote: RemoteMeta, block_size: int) -> CacheMeta:
@@ -53,6 +59,9 @@ class CacheMeta:
             content_type=remote.content_type,
             accepts_ranges=remote.accepts_ranges,
             block_size=block_size,
+            max_age=remote.freshness.max_age,
+            no_cache=remote.freshness.no_cache,
+            no_store=remote.freshness.no_store,
         )
 
     def remote(self) -> RemoteMeta:
@@ -64,6 +73,7 @@ class CacheMeta:
             last_modified=self.last_modified,
             content_type=self.content_type,
             accepts_ranges=self.accepts_ranges,
+            freshness=Freshness(self.max_age, self.no_cache, self.no_store),
         )
 
 
@@ -154,6 +164,9 @@ def encode_catalog(records: Iterable[CatalogRecord]) -> bytes:
             r.remote.content_type,
             r.remote.accepts_ranges,
             round(r.validated_at, 3),
+            r.remote.freshness.max_age,
+            r.remote.freshness.no_cache,
+            r.remote.freshness.no_store,
         ]
         for r in records
     ]
@@ -171,7 +184,10 @@ def decode_catalog(data: bytes, what: object) -> dict[str, CatalogRecord]:
     records: dict[str, CatalogRecord] = {}
     for row in rows if isinstance(rows, list) else ():
         try:
-            url, size, etag, modified, ctype, ranges, validated = row
+            url, size, etag, modified, ctype, ranges, validated = row[:7]
+            max_age, no_cache, no_store = [*row[7:10], None, False, False][:3]
+            if max_age is not None and not isinstance(max_age, int | float):
+                max_age = None
             if not isinstance(url, str) or not isinstance(size, int) or size < 0:
                 continue
             remote = RemoteMeta(
@@ -181,6 +197,7 @@ def decode_catalog(data: bytes, what: object) -> dict[str, CatalogRecord]:
                 last_modified=modified if isinstance(modified, str) else None,
                 content_type=ctype if isinstance(ctype, str) else None,
                 accepts_ranges=bool(ranges),
+                freshness=Freshness(max_age, bool(no_cache), bool(no_store)),
             )
             records[url] = CatalogRecord(remote, float(validated))
         except (ValueError, TypeError):

@@ -270,6 +270,10 @@ class CacheStore:
         """
         entry = self.load_entry(url) if stored is _LOAD else stored
         assert entry is None or isinstance(entry, StoredEntry)
+        if entry is not None and remote.freshness.no_store:
+            log.info("%s: the origin says no-store; its cached bytes are removed", name)
+            self._discard(self.key(url))
+            entry = None
         if entry is not None and not entry.meta.remote().same_version(remote):
             log.warning(
                 "%s: the remote file changed since it was cached (size %d -> %d);"
@@ -311,7 +315,7 @@ class CacheStore:
             BitMap(),
             name,
             on_disk=False,
-            uncached_reason=self._uncached_reason(remote.size),
+            uncached_reason=self._uncached_reason(remote.size, remote.freshness.no_store),
         )
 
     def unusable_entry(self, url: str, remote: RemoteMeta, name: str, why: str) -> CachedFile:
@@ -424,8 +428,10 @@ class CacheStore:
 
     # -- what the cache filesystem can hold ----------------------------------------------------
 
-    def _uncached_reason(self, size: int) -> str | None:
+    def _uncached_reason(self, size: int, no_store: bool = False) -> str | None:
         """Why a file of *size* bytes cannot be cached here, or None when it can."""
+        if no_store:
+            return "the origin says no-store: nothing of it is kept on disk"
         if size <= self._fits_up_to:
             return None
         if self._too_large_from is not None and size >= self._too_large_from:

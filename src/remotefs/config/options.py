@@ -64,8 +64,11 @@ class MountOptions:
     # Probes in flight per origin (scheme, host, port): enough to probe 10,000 URLs in a few
     # seconds at 20 ms per request, few enough not to look like an attack.
     probe_connections: int = 16
-    # At mount, how long files known from an earlier run wait for their origin to confirm
-    # them before they are listed from the cache (and confirmed in the background).
+    # How long a file stays fresh when its origin says nothing (Cache-Control, Expires):
+    # None means 60 s. Given by the user, it also caps what the origin says.
+    revalidate: float | None = None
+    # How long an open of a stale file waits for its origin to confirm it (and at mount,
+    # files known from an earlier run) before the cached version is used.
     revalidate_wait: float = 2.0
     # Free space of the cache filesystem that background fill and prefetch never use
     # (None: 5% of the filesystem or 2 GiB, whichever is smaller).
@@ -79,8 +82,9 @@ class MountOptions:
     prefetch_tail: int = 1 * MiB
     prefetch_head: int = 64 * KiB
     # Idle background fill: after this many seconds without a foreground read, missing blocks
-    # are downloaded over at most fill_connections connections, at most fill_rate B/s (0: no cap).
-    fill: bool = True
+    # are downloaded over at most fill_connections connections, at most fill_rate B/s (0: no
+    # cap), of the files a program has read ("opened"), of every file ("all"), or none.
+    fill: str = "opened"
     fill_idle: float = 2.0
     fill_connections: int = 2
     fill_rate: int = 0
@@ -116,6 +120,10 @@ class MountOptions:
             raise ValueError("probe connections must be at least 1")
         if self.revalidate_wait < 0:
             raise ValueError("the revalidation wait cannot be negative")
+        if self.revalidate is not None and self.revalidate < 0:
+            raise ValueError("--revalidate cannot be negative")
+        if self.fill not in FILL_POLICIES:
+            raise ValueError(f"--fill must be one of {', '.join(FILL_POLICIES)}")
         if self.min_free is not None and self.min_free < 0:
             raise ValueError("the free-space reserve cannot be negative")
         if self.read_deadline <= 0 or self.stall_timeout <= 0 or self.probe_timeout <= 0:
@@ -136,3 +144,5 @@ class MountOptions:
 
 
 PROXY_SCHEMES = frozenset({"http", "https", "socks5", "socks5h"})
+#: What background fill completes: files a program read, every listed file, nothing.
+FILL_POLICIES = ("opened", "all", "none")

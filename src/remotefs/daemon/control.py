@@ -10,7 +10,9 @@ The protocol is one JSON object per line each way, answered in order on one conn
 ``{"cmd": "status"}``, with ``"paths": [...]`` and ``"all": true`` optional
     Per file: path, redacted URL, size, cached_bytes, percent, state (``complete``,
     ``partial``, ``filling`` while a download or a prefetch runs, ``uncached`` when the cache
-    cannot hold it, ``error`` when the last download failed, with ``error``), note (why a file
+    cannot hold it, ``gone at origin`` after a 404/410, ``error`` when the last download
+    failed, with ``error``), validated_at (when the origin last confirmed it, seconds since
+    the epoch), lifetime (seconds it stays fresh after that) and fresh, note (why a file
     is fetched as it is: the origin ignores Range, or it is served uncached), rate (bytes/s
     over the last seconds), origin_bytes (this session) and the outcome of the last prefetch;
     plus totals and a count of files per state. With more than `SUMMARY_THRESHOLD` files and
@@ -59,6 +61,7 @@ import trio
 from ..cache.cached_file import CachedFile, FileRetiredError
 from ..cache.disk_space import FreeSpaceReserve
 from ..cache.fetcher import BlockFetcher, ReadError
+from ..cache.freshness import Revalidator
 from ..cache.gaps import gaps_largest_first
 from ..config.manifest import ManifestError
 from ..config.options import MiB
@@ -139,6 +142,7 @@ class ControlServer:
         *,
         extras: Callable[[], dict[str, Any]] | None = None,
         reserve: FreeSpaceReserve | None = None,
+        revalidator: Revalidator | None = None,
     ) -> None:
         self._tree = tree
         self._fetcher = fetcher
@@ -149,6 +153,7 @@ class ControlServer:
         self._reload = reload
         self._extras = extras
         self._reserve = reserve
+        self._revalidator = revalidator
         self._jobs: dict[CachedFile, PrefetchJob] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -361,6 +366,8 @@ class ControlServer:
         error = cached.stats.last_error if cached._stats is not None else None
         if cached.retired:
             return "error", "the remote file changed; waiting for the new version"
+        if cached.gone:
+            return "gone at origin", "the origin answers 404/410; the cached bytes stay readable"
         if cached.complete:
             return "complete", None
         if self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
@@ -388,6 +395,9 @@ class ControlServer:
             "state": state,
             "error": error,
             "note": note,
+            "validated_at": cached.validated_at or None,
+            "lifetime": self._revalidator.lifetime_of(cached) if self._revalidator else None,
+            "fresh": not self._revalidator.is_stale(cached) if self._revalidator else None,
             "rate": round(cached.stats.rate()) if cached._stats is not None else 0,
             "origin_bytes": cached.stats.origin_bytes if cached._stats is not None else 0,
             "prefetch": None

@@ -169,11 +169,13 @@ class Prober:
             limiter = self._origins[key] = trio.CapacityLimiter(self._per_origin)
         return limiter
 
-    async def probe(self, url: str) -> ProbeResult:
+    async def probe(self, url: str, previous: RemoteMeta | None = None) -> ProbeResult:
         """Probe *url* within ``--probe-timeout`` from when it may send; never raises.
 
         Transient failures are retried until then; the error is returned, not raised. While
-        the URL's origin is down (`OriginHealth`), the probe fails at once.
+        the URL's origin is down (`OriginHealth`), the probe fails at once. With *previous*
+        the probe is a revalidation: conditional, and a 304 gives *previous* back (with the
+        freshness the 304 announced).
         """
         key = origin_of(url)
         health = self._health.setdefault(key, OriginHealth())
@@ -184,7 +186,7 @@ class Prober:
             self._in_flight += 1
             try:
                 result: ProbeResult = await retry_until(
-                    lambda: self._attempt(url),
+                    lambda: self._attempt(url, previous),
                     deadline=trio.current_time() + self._options.probe_timeout,
                     describe=f"probe {redact_url(url)}",
                 )
@@ -200,12 +202,12 @@ class Prober:
             health.note(result, trio.current_time(), key)
             return result
 
-    async def _attempt(self, url: str) -> RemoteMeta:
-        meta = await self.client.probe(url)
+    async def _attempt(self, url: str, previous: RemoteMeta | None) -> RemoteMeta:
+        meta = await self.client.probe(url, previous)
         if meta is not None:
             return meta
         async with self._source.probe_limiter:
-            return await self._source.probe(url)
+            return await self._source.probe(url, previous)
 
     async def probe_many(
         self, urls: Sequence[str], on_result: Callable[[str, ProbeResult], None]

@@ -45,6 +45,7 @@ from ..cache.disk_space import FreeSpaceReserve
 from ..cache.fd_cache import capacity_for, raise_nofile_limit
 from ..cache.fetcher import BlockFetcher
 from ..cache.filler import Filler
+from ..cache.freshness import Revalidator
 from ..cache.state_files import CatalogRecord
 from ..cache.store import CacheStore, EntryUnavailableError, StoredEntry
 from ..config.manifest import ManifestEntry, ManifestError, load_manifest
@@ -198,6 +199,13 @@ class Daemon:
         self._revalidation: trio.CancelScope | None = None
         self.loop_monitor = LoopMonitor()
         self.reserve: FreeSpaceReserve | None = None
+        self.revalidator = Revalidator(
+            self._prober.probe,
+            options,
+            on_changed=self._changed_at_origin,
+            on_confirmed=self._note_probe_of,
+            origin_of=origin_of,
+        )
 
     def open_cache(self) -> None:
         """Take the cache lock (raises `CacheDirError`); done before forking the parent away.
@@ -220,6 +228,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._retrier.run)
+                await nursery.start(self.revalidator.run)
                 budget = None
                 if self.options.cache_max_size:
                     budget = CacheBudget(self.options.cache_max_size, self._cached_files)
@@ -242,6 +251,8 @@ class Daemon:
                     fetcher,
                     self.options.block_size,
                     (self.options.prefetch_tail, self.options.prefetch_head),
+                    revalidator=self.revalidator,
+                    revalidate_wait=self.options.revalidate_wait,
                 )
                 if budget is not None:
                     budget.open_files = ops.open_files
@@ -256,6 +267,7 @@ class Daemon:
                     self.reload if self.urls_file is not None else None,
                     extras=self.statistics,
                     reserve=self.reserve,
+                    revalidator=self.revalidator,
                 )
                 ops.control_path = await nursery.start(control.serve)
                 pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options, self.fsname))
@@ -268,8 +280,10 @@ class Daemon:
                     run_checkpointer, self._cached_files, self.options.checkpoint_interval
                 )
                 nursery.start_soon(self._catalog_loop)
-                if self.options.fill:
-                    filler = Filler(fetcher, self._listed_files, self.options, self.reserve)
+                if self.options.fill != "none":
+                    filler = Filler(
+                        fetcher, self._listed_files, self.options, self.reserve, self.revalidator
+                    )
                     nursery.start_soon(filler.run)
                 nursery.start_soon(self._announce_ready, on_ready)
                 await pyfuse3.main()
@@ -433,8 +447,16 @@ class Daemon:
                 last_log = trio.current_time()
                 log.info("probed %d of %d URLs", done, total)
 
+    def _note_probe_of(self, cached: CachedFile, result: RemoteMeta) -> None:
+        self._note_probe(cached.remote.url, result)
+
     def _note_probe(self, url: str, result: ProbeResult) -> None:
-        """Remember what an origin said of *url*, for the catalog."""
+        """Remember what an origin said of *url*, for the catalog (never of no-store files:
+        nothing of them is kept)."""
+        if isinstance(result, RemoteMeta) and result.freshness.no_store:
+            if self._catalog.pop(url, None) is not None:
+                self._catalog_dirty = True
+            return
         if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
             known = self._catalog.get(url)
             if known is not None and known.remote == result:
@@ -451,6 +473,10 @@ class Daemon:
                 cached = self.store.attach_stored(entry.url, name, known.stored)
             else:
                 cached = self.store.new_entry(entry.url, known.remote, name)
+            record = self._catalog.get(entry.url)
+            if record is not None and record.remote.same_version(cached.remote):
+                # Fresh for what is left of its lifetime since the origin last confirmed it.
+                self.revalidator.confirm(cached, record.remote, at=record.validated_at)
             self._by_url[entry.url] = cached
         self.tree.add_file(entry.path, cached)
 
@@ -462,6 +488,8 @@ class Daemon:
         if isinstance(result, RemoteMeta):
             if not cached.remote.same_version(result):
                 self._remote_changed(cached, RemoteChangedError("changed since it was cached"))
+            else:
+                self.revalidator.confirm(cached, result)
             return
         origin = origin_of(url)
         if origin not in self._down_origins:
@@ -579,6 +607,8 @@ class Daemon:
             self.tree.add_file(entry.path, reused)
             if not reused.remote.same_version(remote):
                 self._remote_changed(reused, RemoteChangedError("another version at reload"))
+            else:
+                self.revalidator.confirm(reused, remote)
             return
         if remote.size == UNKNOWN_SIZE:
             if stored is None:
@@ -598,6 +628,7 @@ class Daemon:
             self._spawn_pending(entry, self._download_unknown_size, entry, remote)
             return
         cached = self._attach(entry.url, remote, name, stored)
+        self.revalidator.confirm(cached, remote)
         if not cached.remote.accepts_ranges:
             log.warning(
                 "%s: the origin ignores Range requests: the first read downloads the whole"
@@ -665,6 +696,7 @@ class Daemon:
             return  # a reload removed it meanwhile; the next download starts afresh
         final = replace(remote, size=size)
         cached = self.store.adopt_download(entry.url, final, part, name)
+        self.revalidator.confirm(cached, final)
         self._by_url[entry.url] = cached
         self.tree.add_file(entry.path, cached)
         log.info("%s: downloaded (%d bytes); now listed", name, size)
@@ -875,7 +907,19 @@ class Daemon:
         )
         self._spawn(self._replace_changed, cached)
 
-    async def _replace_changed(self, cached: CachedFile) -> None:
+    async def _changed_at_origin(self, cached: CachedFile, result: RemoteMeta) -> None:
+        """A revalidation found another version: swap to it now (the opener may be waiting)."""
+        if cached.retired or cached in self._changing:
+            return
+        self._changing.add(cached)
+        log.warning(
+            "%s: the remote file changed (seen by a revalidation); discarding its cached"
+            " blocks; readers of the old version get EIO",
+            cached.name,
+        )
+        await self._replace_changed(cached, result)
+
+    async def _replace_changed(self, cached: CachedFile, known: RemoteMeta | None = None) -> None:
         """Serve the origin's new version under new inodes; old handles keep the old ones.
 
         The kernel's page cache is per inode and shared by every handle, so one inode per
@@ -888,7 +932,7 @@ class Daemon:
         old_inodes: list[int] = []
         try:
             async with self._reload_lock:
-                result = await self._prober.probe(cached.remote.url)
+                result = known or await self._prober.probe(cached.remote.url)
                 self._note_probe(cached.remote.url, result)
                 if isinstance(result, RemoteMeta) and cached.remote.same_version(result):
                     # A data answer said "changed", the probe says "the same": the origin
@@ -902,6 +946,7 @@ class Daemon:
                     return
                 if isinstance(result, RemoteMeta) and result.size != UNKNOWN_SIZE:
                     replacement = await self.store.replace(cached, result)  # retires the old
+                    self.revalidator.confirm(replacement, result)
                     # Every path that lists this URL, found after the last await.
                     for node in self.tree.nodes_of(cached):
                         swapped = self.tree.replace_file(node.inode, replacement)
@@ -943,6 +988,7 @@ class Daemon:
                 self._note_probe(cached.remote.url, result)
                 async with self._reload_lock:
                     replacement = self.store.new_entry(result.url, result, cached.name)
+                    self.revalidator.confirm(replacement, result)
                     gone = []
                     for node in self.tree.nodes_of(cached):
                         swapped = self.tree.replace_file(node.inode, replacement)

@@ -21,6 +21,7 @@ import pyfuse3
 
 from ..cache.cached_file import CachedFile
 from ..cache.fetcher import BlockFetcher, ReadError
+from ..cache.freshness import Revalidator
 from ..cache.readahead import ReadStream, tail_hint
 from ..redact import redact_url
 from .tree import DirNode, FileNode, Node, Tree
@@ -39,6 +40,21 @@ CACHED_BYTES_XATTR = b"user.remotefs.cached_bytes"
 COMPLETE_XATTR = b"user.remotefs.complete"
 ETAG_XATTR = b"user.remotefs.etag"
 CONTENT_TYPE_XATTR = b"user.remotefs.content_type"
+#: When the origin last confirmed the file, and how long it stays fresh.
+VALIDATED_XATTR = b"user.remotefs.validated"
+#: Attribute and entry timeout of a stale file: the kernel asks again soon, by which time a
+#: background revalidation has usually answered.
+STALE_TIMEOUT = 1.0
+
+
+def validated_text(cached: CachedFile, lifetime: float) -> str:
+    """``2026-11-30T06:40:00Z; fresh for 60s`` (or ``never``), for xattrs and status."""
+    if not cached.validated_at:
+        when = "never"
+    else:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cached.validated_at))
+    gone = "; gone at origin" if cached.gone else ""
+    return f"{when}; fresh for {lifetime:g}s after it{gone}"
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -90,8 +106,15 @@ class RemoteFsOperations(pyfuse3.Operations):
         fetcher: BlockFetcher,
         block_size: int,
         prefetch_sizes: tuple[int, int] = (0, 0),
+        *,
+        revalidator: Revalidator | None = None,
+        revalidate_wait: float = 2.0,
     ) -> None:
         super().__init__()
+        #: Keeps files fresh: stale ones are revalidated on open (waiting up to
+        #: *revalidate_wait*) and in the background when a lookup or getattr sees them.
+        self._revalidator = revalidator
+        self._revalidate_wait = revalidate_wait
         self._prefetch_sizes = prefetch_sizes  # (tail, head) bytes fetched on open
         self._tree = tree
         self._fetcher = fetcher
@@ -135,6 +158,13 @@ class RemoteFsOperations(pyfuse3.Operations):
                 # The origin changed and this version is on its way out: attributes the
                 # kernel kept now would outlive the swap to the new version (stale size).
                 attrs.entry_timeout = attrs.attr_timeout = 0
+            elif self._revalidator is not None:
+                # Never longer than the file stays fresh: the kernel asks again once its
+                # lifetime has run out, and that ask starts a revalidation, so `ls -l` shows
+                # a new size within one lifetime and a few seconds.
+                remaining = self._revalidator.remaining(cached)
+                timeout = min(ATTR_TIMEOUT, remaining) if remaining > 0 else STALE_TIMEOUT
+                attrs.entry_timeout = attrs.attr_timeout = timeout
         else:
             attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
             attrs.st_nlink = 2
@@ -143,10 +173,17 @@ class RemoteFsOperations(pyfuse3.Operations):
         attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime
         return attrs
 
+    def _seen(self, node: Node) -> None:
+        """A lookup, getattr or listing saw *node*: a stale file is revalidated soon."""
+        if self._revalidator is not None and isinstance(node, FileNode):
+            self._revalidator.in_background(node.cached)
+
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        return self._attributes(self._node(inode))
+        node = self._node(inode)
+        self._seen(node)
+        return self._attributes(node)
 
     async def lookup(
         self,
@@ -157,6 +194,7 @@ class RemoteFsOperations(pyfuse3.Operations):
         node = self._tree.lookup(parent_inode, os.fsdecode(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self._seen(node)
         return self._attributes(node)
 
     # -- directories -------------------------------------------------------------------------
@@ -184,6 +222,7 @@ class RemoteFsOperations(pyfuse3.Operations):
             child = self._tree.nodes.get(inode)
             if child is None:
                 continue  # removed by a reload since this handle's opendir
+            self._seen(child)
             attrs = self._attributes(child)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 break
@@ -201,13 +240,21 @@ class RemoteFsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise _erofs()
+        if self._revalidator is not None:
+            await self._revalidator.refresh(node.cached, self._revalidate_wait)
+            if node.cached.retired:
+                # The origin serves another version now, under a new inode: ESTALE makes
+                # the kernel look the path up again (once) and open that one.
+                raise pyfuse3.FUSEError(errno.ESTALE)
         handle = self._next_handle
         self._next_handle += 1
         self._handles[handle] = (node.cached, ReadStream())
         self._prefetch_head_and_tail(node.cached)
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
-        # without the daemon noticing, and then the new version gets a new inode.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
+        # without the daemon noticing, and then the new version gets a new inode. Not for a
+        # no-store file: what the origin said not to keep is kept only while it is open.
+        keep = not node.cached.remote.freshness.no_store
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=keep)
 
     def _prefetch_head_and_tail(self, cached: CachedFile) -> None:
         """Open-time hint: most formats keep their index at one end (zip, ISO, MP4, ext4)."""
@@ -225,6 +272,8 @@ class RemoteFsOperations(pyfuse3.Operations):
         if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         cached, stream = entry
+        if not cached.meta.opened:
+            cached.mark_opened()  # `--fill opened` completes the files programs read
         try:
             return await self._fetcher.read(cached, off, size, stream)
         except ReadError as err:
@@ -276,6 +325,10 @@ class RemoteFsOperations(pyfuse3.Operations):
                 values[ETAG_XATTR] = cached.remote.etag.encode()
             if cached.remote.content_type:
                 values[CONTENT_TYPE_XATTR] = cached.remote.content_type.encode()
+            if self._revalidator is not None:
+                values[VALIDATED_XATTR] = validated_text(
+                    cached, self._revalidator.lifetime_of(cached)
+                ).encode()
             return values
         if node.inode == pyfuse3.ROOT_INODE:
             values = {PID_XATTR: str(os.getpid()).encode()}

@@ -32,7 +32,7 @@ import trio
 from ..config.options import MountOptions
 from ..redact import redact_url
 from .errors import HttpSourceError, TransientError
-from .source import RemoteMeta, meta_from_probe
+from .source import RemoteMeta, conditional_headers, meta_from_probe
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,11 @@ class ProbeClient:
                     await trio.aclose_forcefully(connection.stream)
         self._idle.clear()
 
-    async def probe(self, url: str) -> RemoteMeta | None:
-        """Probe *url*; None when it needs the general client. Raises `HttpSourceError`."""
+    async def probe(self, url: str, previous: RemoteMeta | None = None) -> RemoteMeta | None:
+        """Probe *url*; None when it needs the general client. Raises `HttpSourceError`.
+
+        With *previous*, a conditional probe (a revalidation): 304 means *previous* holds.
+        """
         if not self.enabled or self._remembered_target(url):
             self.handed_over += 1
             return None
@@ -124,15 +127,15 @@ class ProbeClient:
         if origin in self._redirecting or origin in self._http2:
             self.handed_over += 1
             return None
-        what = f"probe {redact_url(url)}"
-        request = self._request(url, parsed, origin)
+        what = f"{'revalidate' if previous else 'probe'} {redact_url(url)}"
+        request = self._request(url, parsed, origin, conditional_headers(previous))
         try:
             for attempt in range(2):
                 connection = self._take_idle(origin)
                 if connection is None:
                     connection = await self._connect(origin, what)
                 try:
-                    meta, keep = await self._exchange(connection, request, url, what)
+                    meta, keep = await self._exchange(connection, request, url, what, previous)
                 except trio.TooSlowError:
                     await trio.aclose_forcefully(connection.stream)
                     raise TransientError(
@@ -171,7 +174,9 @@ class ProbeClient:
         idle = self._idle.get(origin)
         return idle.pop() if idle else None
 
-    def _request(self, url: str, parsed: httpx.URL, origin: _Origin) -> h11.Request:
+    def _request(
+        self, url: str, parsed: httpx.URL, origin: _Origin, conditional: dict[str, str]
+    ) -> h11.Request:
         scheme, host, port = origin
         default = 443 if scheme == "https" else 80
         host_header = f"[{host}]" if ":" in host else host
@@ -183,6 +188,7 @@ class ProbeClient:
             ("Accept-Encoding", "identity"),
             *self._headers_for(url),
             ("Range", "bytes=0-0"),
+            *conditional.items(),
         ]
         try:
             return h11.Request(
@@ -219,7 +225,12 @@ class ProbeClient:
             raise TransientError(f"{what}: cannot connect: {err.strerror or err}") from None
 
     async def _exchange(
-        self, connection: _Connection, request: h11.Request, url: str, what: str
+        self,
+        connection: _Connection,
+        request: h11.Request,
+        url: str,
+        what: str,
+        previous: RemoteMeta | None,
     ) -> tuple[RemoteMeta, bool]:
         """Send one probe and read its answer; (meta, connection reusable)."""
         conn = connection.h11
@@ -229,9 +240,11 @@ class ProbeClient:
         if response.status_code in _REDIRECTS:
             raise _Redirected
         headers = _header_dict(response.headers)
-        meta = meta_from_probe(url, response.status_code, headers, what)
+        meta = meta_from_probe(url, response.status_code, headers, what, previous)
         length = headers.get("content-length", "")
-        small = length.isascii() and length.isdigit() and int(length) <= MAX_DRAINED_BODY
+        small = response.status_code in (204, 304) or (  # no body at all
+            length.isascii() and length.isdigit() and int(length) <= MAX_DRAINED_BODY
+        )
         if not small:
             return meta, False  # do not read a whole file to keep a connection
         while not isinstance(

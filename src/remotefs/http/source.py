@@ -35,7 +35,7 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import httpcore._async.http11
@@ -70,8 +70,29 @@ UNKNOWN_SIZE = -1
 
 
 @dataclass(frozen=True, slots=True)
+class Freshness:
+    """What an answer says about how long it stays fresh (RFC 9111, as a private cache).
+
+    *max_age* is the lifetime left when the answer arrived, in seconds: Cache-Control's
+    max-age, else Expires minus Date, minus the answer's Age; None when the origin said
+    nothing (the mount's ``--revalidate`` applies).
+    """
+
+    max_age: float | None = None
+    no_cache: bool = False
+    no_store: bool = False
+
+
+NO_FRESHNESS = Freshness()
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteMeta:
-    """What a probe learned about one URL; the identity of the version we cache."""
+    """What a probe learned about one URL; the identity of the version we cache.
+
+    `same_version` compares size and validators only: *freshness* is about how long this
+    answer may be trusted, not about which bytes it describes.
+    """
 
     url: str
     size: int
@@ -79,6 +100,7 @@ class RemoteMeta:
     last_modified: str | None
     content_type: str | None
     accepts_ranges: bool
+    freshness: Freshness = NO_FRESHNESS
 
     @property
     def mtime_ns(self) -> int | None:
@@ -142,12 +164,70 @@ def parse_content_range(value: str | None) -> ContentRange | None:
 MAX_FILE_SIZE = (1 << 63) - 1
 
 
-def meta_from_probe(url: str, status: int, headers: Mapping[str, str], what: str) -> RemoteMeta:
+_CACHE_DIRECTIVE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*(?:=\s*("[^"]*"|[^,]*))?\s*')
+
+
+def freshness_from_headers(headers: Mapping[str, str], now: float | None = None) -> Freshness:
+    """How long an answer stays fresh, from Cache-Control, Expires, Date, Age and Pragma.
+
+    Directives a private cache ignores (``s-maxage``, ``public``, ``private``) are ignored.
+    An Expires that cannot be parsed means already expired, as RFC 9111 §5.3 says.
+    """
+    now = time.time() if now is None else now
+    max_age: float | None = None
+    no_cache = no_store = False
+    control = headers.get("cache-control")
+    if control:
+        for part in control.split(","):
+            match = _CACHE_DIRECTIVE.fullmatch(part)
+            if not match:
+                continue
+            name, value = match.group(1).lower(), (match.group(2) or "").strip('"')
+            if name == "no-cache":
+                no_cache = True
+            elif name == "no-store":
+                no_store = True
+            elif name == "max-age" and re.fullmatch(r"[0-9]+", value):
+                max_age = float(value)
+    elif "no-cache" in headers.get("pragma", "").lower():
+        no_cache = True
+    if max_age is None and headers.get("expires") is not None:
+        expires = _http_date(headers.get("expires"))
+        date = _http_date(headers.get("date")) or now
+        max_age = max(0.0, expires - date) if expires is not None else 0.0
+    if max_age is not None:
+        age = headers.get("age", "").strip()
+        if re.fullmatch(r"[0-9]+", age):
+            max_age = max(0.0, max_age - float(age))
+    return Freshness(max_age, no_cache, no_store)
+
+
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def meta_from_probe(
+    url: str,
+    status: int,
+    headers: Mapping[str, str],
+    what: str,
+    previous: RemoteMeta | None = None,
+) -> RemoteMeta:
     """Interpret the answer to a ``Range: bytes=0-0`` GET of *url*; raise if it is unusable.
 
     Shared by the general probe (httpx) and the fast one (`ProbeClient`), so both read an
-    answer the same way.
+    answer the same way. With *previous* (a conditional request: a revalidation), a 304
+    says *previous* is still the current version; its freshness is updated from the 304.
     """
+    if status == 304 and previous is not None:
+        if not any(headers.get(name) for name in ("cache-control", "expires", "pragma")):
+            return previous  # a 304 without them leaves the stored ones in force (RFC 9111)
+        return replace(previous, freshness=freshness_from_headers(headers))
     accepts_ranges = headers.get("accept-ranges", "").strip().lower() != "none"
     if status == 206:
         crange = parse_content_range(headers.get("content-range"))
@@ -181,11 +261,23 @@ def meta_from_probe(url: str, status: int, headers: Mapping[str, str], what: str
         last_modified=_interned(headers.get("last-modified")),
         content_type=_interned(headers.get("content-type")),
         accepts_ranges=accepts_ranges,
+        freshness=freshness_from_headers(headers),
     )
 
 
 def _interned(value: str | None) -> str | None:
     return sys.intern(value) if value else None
+
+
+def conditional_headers(previous: RemoteMeta | None) -> dict[str, str]:
+    """``If-None-Match`` with the ETag, else ``If-Modified-Since``: ask only for a change."""
+    if previous is None:
+        return {}
+    if previous.etag:
+        return {"If-None-Match": previous.etag}
+    if previous.last_modified:
+        return {"If-Modified-Since": previous.last_modified}
+    return {}
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -302,17 +394,20 @@ class HttpSource:
         """Replace the per-URL request headers (a reload read urls.txt again)."""
         self._url_headers = {url: list(h) for url, h in url_headers.items() if h}
 
-    async def probe(self, url: str) -> RemoteMeta:
+    async def probe(self, url: str, previous: RemoteMeta | None = None) -> RemoteMeta:
         """Learn size, validators, type and Range support of *url* with one ``bytes=0-0`` GET.
 
-        This is the general path (redirects, proxies, HTTP/2); `ProbeClient` does the same
-        faster for plain HTTP/1.1 origins and falls back here for anything else. It takes no
-        connection slot of its own: the caller bounds probing (`remotefs.daemon.probe`).
+        With *previous*, the request is conditional (`conditional_headers`): an unchanged
+        file answers 304, without a body. This is the general path (redirects, proxies,
+        HTTP/2); `ProbeClient` does the same faster for plain HTTP/1.1 origins and falls back
+        here for anything else. It takes no connection slot of its own: the caller bounds
+        probing (`remotefs.daemon.probe`).
         """
-        what = f"probe {redact_url(url)}"
-        request = self._request(url, {"Range": "bytes=0-0"}, what, key=url)
+        what = f"{'revalidate' if previous else 'probe'} {redact_url(url)}"
+        own = {"Range": "bytes=0-0", **conditional_headers(previous)}
+        request = self._request(url, own, what, key=url)
         async with request as response:
-            meta = meta_from_probe(url, response.status_code, response.headers, what)
+            meta = meta_from_probe(url, response.status_code, response.headers, what, previous)
             self._remember_target(url, response)
             return meta
 
