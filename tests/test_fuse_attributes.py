@@ -7,7 +7,6 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from remotefs.cache.fetcher import BlockFetcher
 from remotefs.fuse.ops import ATTR_TIMEOUT, RemoteFsOperations
 from remotefs.fuse.tree import Tree
 
@@ -28,8 +27,7 @@ def test_a_retired_version_is_never_cached_by_the_kernel(tmp_path: Path) -> None
         cached = attach(store, remote(size=5 * BS + 7))
         tree = Tree()
         node = tree.add_file(("data.bin",), cached)
-        fetcher: BlockFetcher = None  # type: ignore[assignment]  # getattr never fetches
-        ops = RemoteFsOperations(tree, fetcher, BS)
+        ops = RemoteFsOperations(tree, None, BS)  # no engine: getattr never fetches
 
         live = _getattr(ops, node.inode)
         assert live.st_size == 5 * BS + 7

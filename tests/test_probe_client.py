@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from remotefs.cache.probe import ProbeFailedError, Prober
 from remotefs.config.options import MountOptions
-from remotefs.daemon.probe import ProbeFailedError, Prober
 from remotefs.http.errors import PermanentError, ProtocolViolationError
 from remotefs.http.probe_client import ProbeClient
 from remotefs.http.source import HttpSource, RemoteMeta

@@ -52,22 +52,19 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
 from ..cache.cached_file import CachedFile, FileRetiredError
-from ..cache.disk_space import FreeSpaceReserve
-from ..cache.fetcher import BlockFetcher, ReadError
-from ..cache.freshness import Revalidator
-from ..cache.gaps import gaps_largest_first
+from ..cache.engine import RemoteCache
+from ..cache.fetcher import ReadError
 from ..config.manifest import ManifestError
 from ..config.options import MiB
-from ..fuse.ops import RemoteFsOperations
 from ..fuse.tree import FileNode, Tree
-from ..http.errors import HttpSourceError, RangeNotSupportedError
+from ..http.errors import HttpSourceError
 from ..redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -85,9 +82,6 @@ EVICT_GRACE = 2.0
 #: Above this many files, `status` answers with a summary unless asked for every row.
 SUMMARY_THRESHOLD = 100
 SUMMARY_ROWS = 20
-#: Concurrent requests of one file's prefetch, and the size of each.
-PREFETCH_WORKERS = 4
-PREFETCH_CHUNK = 4 * MiB
 
 
 class ControlError(Exception):
@@ -133,27 +127,24 @@ class ControlServer:
     def __init__(
         self,
         tree: Tree,
-        fetcher: BlockFetcher,
-        ops: RemoteFsOperations,
+        engine: RemoteCache,
         cache_dir: Path,
         mountpoint: Path,
         invalidate: Callable[[int], None],
         reload: Callable[[], Awaitable[ReloadResult]] | None = None,
         *,
         extras: Callable[[], dict[str, Any]] | None = None,
-        reserve: FreeSpaceReserve | None = None,
-        revalidator: Revalidator | None = None,
     ) -> None:
         self._tree = tree
-        self._fetcher = fetcher
-        self._ops = ops
+        self._engine = engine
+        self._fetcher = engine.fetcher
         self.path = cache_dir / SOCKET_NAME
         self._mountpoint = mountpoint
         self._invalidate = invalidate
         self._reload = reload
         self._extras = extras
-        self._reserve = reserve
-        self._revalidator = revalidator
+        self._reserve = engine.reserve
+        self._revalidator = engine.revalidator
         self._jobs: dict[CachedFile, PrefetchJob] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -330,10 +321,7 @@ class ControlServer:
                 **self._cache_totals(),
             },
         }
-        daemon = dict(self._extras()) if self._extras is not None else {}
-        if self._reserve is not None:
-            daemon["reserve"] = asdict(self._reserve.statistics())
-        answer["daemon"] = daemon
+        answer["daemon"] = self._extras() if self._extras is not None else {}
         return answer
 
     def _notable(self, selected: list[tuple[str, FileNode]]) -> list[tuple[str, FileNode]]:
@@ -441,49 +429,18 @@ class ControlServer:
         return {"ok": True, "files": [path for path, _ in selected]}
 
     async def _run_prefetch(self, job: PrefetchJob) -> None:
-        """Download every missing block of the job's file, a few chunks at a time."""
+        """Download every missing block of the job's file (`RemoteCache.complete`)."""
         file = job.file
         log.info(
             "%s: prefetch started (%d bytes missing)", file.name, file.size - file.cached_bytes
         )
-        chunk_blocks = max(1, PREFETCH_CHUNK // file.block_size)
-        work = (
-            (start, min(start + chunk_blocks, end))
-            for first, end in sorted(gaps_largest_first(file.bitmap, file.nblocks))
-            for start in range(first, end, chunk_blocks)
-        )
-        failures: list[BaseException] = []
 
-        async def worker() -> None:
-            for first, end in work:
-                if failures:
-                    return
-                need = (end - first) * file.block_size
-                reserve = self._reserve
-                if reserve is not None:
-                    while not reserve.room_for(need):
-                        job.paused = reserve.paused
-                        await reserve.wait_for_room(need)
-                    job.paused = None
-                claim = contextlib.nullcontext(True) if reserve is None else reserve.claim(need)
-                try:
-                    with claim:
-                        await self._fetcher.fill(file, first, end, pausable=False)
-                except RangeNotSupportedError:
-                    return  # the file is fetched as one stream below
-                except (HttpSourceError, OSError, FileRetiredError) as err:
-                    failures.append(err)
-                    return
+        def paused(reason: str | None) -> None:
+            job.paused = reason
 
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(PREFETCH_WORKERS):
-                    nursery.start_soon(worker)
-            if failures:
-                raise failures[0]
-            # What other downloads were fetching meanwhile, or a server without Range.
-            await self._fetcher.ensure(file, 0, file.nblocks)
-        except (HttpSourceError, OSError, FileRetiredError, ReadError) as err:
+            await self._engine.complete(file, paused=paused)
+        except (HttpSourceError, OSError, FileRetiredError, ReadError, ValueError) as err:
             job.state, job.error = "failed", str(err)
             log.warning("%s: prefetch failed: %s", file.name, err)
             return
@@ -511,14 +468,10 @@ class ControlServer:
     def _busy(self, node: FileNode) -> str | None:
         """Why *node*'s cache cannot be evicted now, or None."""
         cached = node.cached
-        handles = self._ops.open_handles(cached)
-        if handles:
-            plural = "s" if handles > 1 else ""
-            return f"{cached.name} is open ({handles} handle{plural}); close it first"
         job = self._jobs.get(cached)
-        if self._fetcher.downloading(cached) or (job is not None and job.state == "running"):
+        if job is not None and job.state == "running":
             return f"{cached.name} is downloading; try again when it is done"
-        return None
+        return self._engine.busy(cached)
 
     async def evict(self, paths: list[str] | None) -> dict[str, Any]:
         """Drop the cached blocks of the selected files; refused while one is busy.
@@ -559,8 +512,7 @@ class ControlServer:
             try:
                 if reason:
                     raise ControlError(reason)
-                budget = self._fetcher.budget
-                freed = await (cached.evict() if budget is None else budget.drop(cached))
+                freed = await self._engine.drop(cached)
             except (ControlError, FileRetiredError, OSError) as err:
                 for other, no_fill in before[len(done_files) :]:
                     other.no_fill = no_fill

@@ -20,9 +20,8 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 
 from ..cache.cached_file import CachedFile
-from ..cache.fetcher import BlockFetcher, ReadError
-from ..cache.freshness import Revalidator
-from ..cache.readahead import ReadStream, tail_hint
+from ..cache.engine import Handle, RemoteCache
+from ..cache.fetcher import ReadError
 from ..redact import redact_url
 from .tree import DirNode, FileNode, Node, Tree
 
@@ -100,24 +99,14 @@ class RemoteFsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(
-        self,
-        tree: Tree,
-        fetcher: BlockFetcher,
-        block_size: int,
-        prefetch_sizes: tuple[int, int] = (0, 0),
-        *,
-        revalidator: Revalidator | None = None,
-        revalidate_wait: float = 2.0,
-    ) -> None:
+    def __init__(self, tree: Tree, engine: RemoteCache | None, block_size: int) -> None:
+        """*engine* None serves attributes only (tests of what getattr tells the kernel)."""
         super().__init__()
-        #: Keeps files fresh: stale ones are revalidated on open (waiting up to
-        #: *revalidate_wait*) and in the background when a lookup or getattr sees them.
-        self._revalidator = revalidator
-        self._revalidate_wait = revalidate_wait
-        self._prefetch_sizes = prefetch_sizes  # (tail, head) bytes fetched on open
         self._tree = tree
-        self._fetcher = fetcher
+        self._engine = engine
+        #: Keeps files fresh: stale ones are revalidated on open (waiting up to
+        #: ``--revalidate-wait``) and in the background when a lookup or getattr sees them.
+        self._revalidator = engine.revalidator if engine is not None else None
         self._block_size = block_size
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -125,7 +114,7 @@ class RemoteFsOperations(pyfuse3.Operations):
         self._sorted_children: dict[int, list[tuple[str, int]]] = {}
         # Each open handle keeps the file version it opened: when the origin's file changes,
         # its path gets a new node and old handles keep failing instead of mixing.
-        self._handles: dict[int, tuple[CachedFile, ReadStream]] = {}
+        self._handles: dict[int, Handle] = {}
         self._next_handle = 1
         #: The control socket's path, once the daemon listens on it (root xattr).
         self.control_path: str | None = None
@@ -175,8 +164,8 @@ class RemoteFsOperations(pyfuse3.Operations):
 
     def _seen(self, node: Node) -> None:
         """A lookup, getattr or listing saw *node*: a stale file is revalidated soon."""
-        if self._revalidator is not None and isinstance(node, FileNode):
-            self._revalidator.in_background(node.cached)
+        if self._engine is not None and isinstance(node, FileNode):
+            self._engine.seen(node.cached)
 
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
@@ -240,59 +229,40 @@ class RemoteFsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise _erofs()
-        if self._revalidator is not None:
-            await self._revalidator.refresh(node.cached, self._revalidate_wait)
-            if node.cached.retired:
-                # The origin serves another version now, under a new inode: ESTALE makes
-                # the kernel look the path up again (once) and open that one.
-                raise pyfuse3.FUSEError(errno.ESTALE)
+        engine = self._engine
+        assert engine is not None
+        await engine.ensure_fresh(node.cached)
+        if node.cached.retired:
+            # The origin serves another version now, under a new inode: ESTALE makes the
+            # kernel look the path up again (once) and open that one.
+            raise pyfuse3.FUSEError(errno.ESTALE)
         handle = self._next_handle
         self._next_handle += 1
-        self._handles[handle] = (node.cached, ReadStream())
-        self._prefetch_head_and_tail(node.cached)
+        self._handles[handle] = engine.open(node.cached)
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
         # without the daemon noticing, and then the new version gets a new inode. Not for a
         # no-store file: what the origin said not to keep is kept only while it is open.
         keep = not node.cached.remote.freshness.no_store
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=keep)
 
-    def _prefetch_head_and_tail(self, cached: CachedFile) -> None:
-        """Open-time hint: most formats keep their index at one end (zip, ISO, MP4, ext4)."""
-        tail, head = self._prefetch_sizes
-        if cached.retired or not cached.size or cached.complete:
-            return
-        tail = tail_hint(tail, cached.size)
-        if tail:
-            self._fetcher.prefetch(cached, cached.size - tail, cached.size, split=False)
-        if head:
-            self._fetcher.prefetch(cached, 0, head, split=False)
-
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        entry = self._handles.get(fh)
-        if entry is None:
+        handle = self._handles.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        cached, stream = entry
-        if not cached.meta.opened:
-            cached.mark_opened()  # `--fill opened` completes the files programs read
+        assert self._engine is not None
         try:
-            return await self._fetcher.read(cached, off, size, stream)
+            return await self._engine.read(handle, off, size)
         except ReadError as err:
             log.error("read failed: %s", err)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as err:
-            log.error("%s: local cache error: %s", cached.name, err)
+            log.error("%s: local cache error: %s", handle.file.name, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._handles.pop(fh, None)
-
-    def open_handles(self, cached: CachedFile) -> int:
-        """How many open handles read *cached* (evicting it is refused while any does)."""
-        return sum(1 for entry, _ in self._handles.values() if entry is cached)
-
-    def open_files(self) -> set[CachedFile]:
-        """The files that have at least one open handle (the cache cap evicts them last)."""
-        return {entry for entry, _ in self._handles.values()}
+        handle = self._handles.pop(fh, None)
+        if handle is not None and self._engine is not None:
+            self._engine.close(handle)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None

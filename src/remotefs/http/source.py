@@ -394,6 +394,11 @@ class HttpSource:
         """Replace the per-URL request headers (a reload read urls.txt again)."""
         self._url_headers = {url: list(h) for url, h in url_headers.items() if h}
 
+    def add_headers(self, url: str, headers: Sequence[tuple[str, str]]) -> None:
+        """Set the request headers of one more URL (the library opens URLs one by one)."""
+        if headers:
+            self._url_headers[url] = list(headers)
+
     async def probe(self, url: str, previous: RemoteMeta | None = None) -> RemoteMeta:
         """Learn size, validators, type and Range support of *url* with one ``bytes=0-0`` GET.
 
