@@ -113,7 +113,7 @@ mkdir -p "$work/src"
 cp -a "$here/pyproject.toml" "$here/README.md" "$here/src" "$work/src/"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --no-compile "$work/src"
+"$venv/bin/python" -m pip install -q --no-compile "$work/src[mount]"
 # Tools for changing the environment have no place in a package's private runtime.
 "$venv/bin/python" -m pip uninstall -q -y pip setuptools
 rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1 "$venv"/bin/pip* "$venv"/bin/easy_install*

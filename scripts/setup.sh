@@ -217,8 +217,9 @@ main() {
         # attr: getfattr in the README's quick start. dpkg-dev: dpkg-shlibdeps for the .deb's
         # Depends. debootstrap: the fresh-machine test's Debian trees. systemd-container:
         # systemd-nspawn boots those trees with systemd as PID 1 (tests/test_systemd_live.py).
+        # python3-venv: the library test builds a virtualenv without pyfuse3 from python3.
         packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl attr dpkg-dev debootstrap
-            systemd-container)
+            systemd-container python3-venv)
     fi
     if ! choose_python; then
         echo "setup: $choose_error" >&2
@@ -243,8 +244,8 @@ main() {
         echo "setup: creating $venv with $python (Python $version)" >&2
         "$python" -m venv "$venv"
     fi
-    local extra="" stamp
-    [ "$want_tests" = "test" ] && extra="[test]"
+    local extra="[mount]" stamp
+    [ "$want_tests" = "test" ] && extra="[mount,test]"
     stamp="$venv/.installed$extra"
     if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
         echo "setup: installing remotefs$extra into $venv" >&2

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,10 @@ from .config.manifest import (
     load_manifest,
     parse_header_option,
 )
-from .config.options import FILL_POLICIES, MountOptions, default_cache_dir
+from .config.options import MountOptions, default_cache_dir
+from .config.settings import MOUNT, positive_float
+from .config.settings import add_arguments as add_settings
+from .config.settings import given as given_settings
 from .control_client import COMMANDS as CONTROL_COMMANDS
 from .control_client import add_commands as add_control_commands
 from .control_client import run_command as run_control_command
@@ -51,38 +53,6 @@ from .fuse.ops import PID_XATTR
 log = logging.getLogger("remotefs")
 
 EXIT_USAGE = 2
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``65536``, ``64K``, ``64KiB``, ``1M`` -> bytes (binary multiples)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 1M)")
-    number, unit = int(match.group(1)), match.group(2).lower()
-    return number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
-
-
-def positive_float(text: str) -> float:
-    """A number of seconds greater than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A number of seconds, zero or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,151 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
     )
-    defaults = MountOptions(cache_dir=Path("/"))
     mount.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help=f"where downloaded blocks are kept (default: {default_cache_dir()})",
     )
-    mount.add_argument(
-        "--block-size",
-        type=parse_size,
-        default=defaults.block_size,
-        help="cache granularity, a power of two >= 4K (default: 64K)",
-    )
-    mount.add_argument(
-        "--min-request",
-        type=parse_size,
-        default=defaults.min_request,
-        help="smallest Range request sent (default: 256K)",
-    )
-    mount.add_argument(
-        "--max-connections",
-        type=int,
-        default=defaults.max_connections,
-        help="connections shared by the whole mount (default: 8)",
-    )
-    mount.add_argument(
-        "--read-deadline",
-        type=positive_float,
-        default=defaults.read_deadline,
-        help="seconds a read may wait for the network, retries included, before EIO (default: 60)",
-    )
-    mount.add_argument(
-        "--stall-timeout",
-        type=positive_float,
-        default=defaults.stall_timeout,
-        help="seconds without a byte before a response is abandoned and retried (default: 20)",
-    )
-    mount.add_argument(
-        "--probe-timeout",
-        type=positive_float,
-        default=defaults.probe_timeout,
-        help="seconds to reach each URL at mount before it is left out or served from cache"
-        " (default: 10)",
-    )
-    mount.add_argument(
-        "--probe-connections",
-        type=int,
-        default=defaults.probe_connections,
-        help="probes in flight per origin (scheme, host, port) while listing (default: 16)",
-    )
-    mount.add_argument(
-        "--revalidate-wait",
-        type=non_negative_float,
-        default=defaults.revalidate_wait,
-        help="seconds an open of a stale file (and, at mount, a file known from an earlier"
-        " run) waits for its origin to confirm it before the cached version is used"
-        " (default: 2)",
-    )
-    mount.add_argument(
-        "--checkpoint-interval",
-        type=positive_float,
-        default=defaults.checkpoint_interval,
-        help="seconds between saves of download progress (default: 2)",
-    )
-    mount.add_argument(
-        "--readahead-max",
-        type=parse_size,
-        default=defaults.readahead_max,
-        help="largest readahead window of a sequential reader (default: 64M)",
-    )
-    mount.add_argument(
-        "--prefetch-tail",
-        type=parse_size,
-        default=defaults.prefetch_tail,
-        help="bytes of a file's end fetched when it is opened, 0 to disable (default: 1M)",
-    )
-    mount.add_argument(
-        "--prefetch-head",
-        type=parse_size,
-        default=defaults.prefetch_head,
-        help="bytes of a file's start fetched when it is opened, 0 to disable (default: 64K)",
-    )
-    mount.add_argument(
-        "--fill",
-        choices=FILL_POLICIES,
-        default=defaults.fill,
-        help="what background fill completes when the mount is idle: the files a program has"
-        " read (opened, the default), every listed file (all), or nothing (none)",
-    )
-    mount.add_argument(
-        "--no-fill",
-        dest="fill",
-        action="store_const",
-        const="none",
-        help="the same as --fill none",
-    )
-    mount.add_argument(
-        "--revalidate",
-        type=non_negative_float,
-        default=None,
-        metavar="SEC",
-        help="seconds a file stays fresh when its origin does not say (Cache-Control,"
-        " Expires); given, it also caps what the origin says; 0 asks on every open"
-        " (default: 60)",
-    )
-    mount.add_argument(
-        "--fill-idle",
-        type=positive_float,
-        default=defaults.fill_idle,
-        help="seconds without a read before background fill starts (default: 2)",
-    )
-    mount.add_argument(
-        "--fill-connections",
-        type=int,
-        default=defaults.fill_connections,
-        help="connections background fill may use (default: 2)",
-    )
-    mount.add_argument(
-        "--fill-rate",
-        type=parse_size,
-        default=defaults.fill_rate,
-        help="bandwidth cap of background fill in bytes/s, e.g. 10M (default: none)",
-    )
-    mount.add_argument(
-        "--min-free",
-        type=parse_size,
-        default=None,
-        help="free space of the cache filesystem that background fill and prefetch never use"
-        " (default: 5%% of the filesystem or 2G, whichever is smaller)",
-    )
-    mount.add_argument(
-        "--cache-max-size",
-        type=parse_size,
-        default=defaults.cache_max_size,
-        help="keep at most this many bytes of cached blocks, evicting the least recently used"
-        " (files nobody has open first); at least 4M (default: no cap)",
-    )
-    mount.add_argument(
-        "--kernel-readahead",
-        type=parse_size,
-        default=defaults.kernel_readahead,
-        help="the kernel's own readahead and largest read request, up to 1M (root only;"
-        " default: 1M)",
-    )
-    mount.add_argument("--user-agent", default=defaults.user_agent, help="User-Agent header")
+    add_settings(mount, MOUNT)  # every option of config/settings.py that a mount takes
     mount.add_argument(
         "--header",
         action="append",
@@ -267,26 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="file of request headers for every request, one 'Name: value' per line",
     )
     mount.add_argument(
-        "--proxy",
-        default=None,
-        metavar="URL",
-        help="send all requests through this proxy (http://, https://, socks5://, socks5h://);"
-        " default: the HTTP_PROXY/HTTPS_PROXY/ALL_PROXY/NO_PROXY environment variables",
-    )
-    mount.add_argument(
-        "--no-http2",
-        dest="http2",
-        action="store_false",
-        help="never use HTTP/2 (by default it is offered to HTTPS servers)",
-    )
-    mount.add_argument("--ca-bundle", default=None, help="PEM file of CA certificates to trust")
-    mount.add_argument(
-        "--insecure", action="store_true", help="do NOT verify TLS certificates (dangerous)"
-    )
-    mount.add_argument(
-        "--allow-other", action="store_true", help="let other users read the mount (FUSE)"
-    )
-    mount.add_argument(
         "--log-file",
         type=Path,
         default=None,
@@ -297,12 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="default: info",
-    )
-    mount.add_argument(
-        "--status-interval",
-        type=positive_float,
-        default=defaults.status_interval,
-        help="under systemd, seconds between STATUS= progress reports (default: 10)",
     )
 
     unmount = commands.add_parser(
@@ -355,41 +161,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         options = MountOptions(
             cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
-            block_size=args.block_size,
-            min_request=args.min_request,
-            max_connections=args.max_connections,
-            read_deadline=args.read_deadline,
-            stall_timeout=args.stall_timeout,
-            probe_timeout=args.probe_timeout,
-            probe_connections=args.probe_connections,
-            revalidate_wait=args.revalidate_wait,
-            revalidate=args.revalidate,
-            min_free=args.min_free,
-            checkpoint_interval=args.checkpoint_interval,
-            kernel_readahead=args.kernel_readahead,
-            readahead_max=args.readahead_max,
-            prefetch_tail=args.prefetch_tail,
-            prefetch_head=args.prefetch_head,
-            fill=args.fill,
-            fill_idle=args.fill_idle,
-            fill_connections=args.fill_connections,
-            fill_rate=args.fill_rate,
-            cache_max_size=args.cache_max_size,
-            user_agent=args.user_agent,
             headers=headers,
-            proxy=args.proxy,
-            http2=args.http2,
-            ca_bundle=args.ca_bundle,
-            insecure=args.insecure,
-            allow_other=args.allow_other,
-            status_interval=args.status_interval,
+            **given_settings(args, MOUNT),
         )
     except (ManifestError, MountpointError, HeaderError) as err:
         return _fail(str(err))
     except ValueError as err:
         return _fail(f"invalid option: {err}")
-    if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
-        return _fail(f"--ca-bundle {args.ca_bundle}: not a readable file")
+    if options.ca_bundle and not os.access(options.ca_bundle, os.R_OK):
+        return _fail(f"--ca-bundle {options.ca_bundle}: not a readable file")
     try:
         check_descriptor_limit()
         check_fuse_device()

@@ -150,7 +150,8 @@ class RemoteCache:
         self._by_url: dict[str, CachedFile] = {}
         #: The URLs doors want, with the name to log for each (a door's first path).
         self._wanted: dict[str, str] = {}
-        self._changing: set[CachedFile] = set()
+        #: Files being swapped for a new version, and the event set when that is done.
+        self._changing: dict[CachedFile, trio.Event] = {}
         self._contradicted: dict[CachedFile, float] = {}
         self._catalog: dict[str, CatalogRecord] = {}
         self._catalog_dirty = False
@@ -165,8 +166,9 @@ class RemoteCache:
 
     # -- lifetime -------------------------------------------------------------------------------
 
-    def open_store(self) -> None:
-        """Take the cache directory's lock now (raises `CacheDirError`).
+    def open_store(self, wait: float = 5.0) -> None:
+        """Take the cache directory's lock now (raises `CacheDirError`), waiting up to *wait*
+        seconds for a daemon that was just stopped to release it.
 
         The soft limit of open files is raised to the hard one first, and the cache keeps as
         many data files open as that leaves room for.
@@ -177,16 +179,22 @@ class RemoteCache:
         self.store.fds.capacity = capacity_for(
             soft, self.options.max_connections + MAX_PROBES + self.options.fill_connections
         )
-        self.store.open()
+        self.store.open(wait)
         self._opened = True
 
+    #: How long `__aenter__` waits for the cache directory's lock (`open_store` may be called
+    #: first with another wait).
+    lock_wait = 5.0
+
     async def __aenter__(self) -> RemoteCache:
-        self.open_store()
+        self.open_store(self.lock_wait)
         self._exits = contextlib.AsyncExitStack()
         await self._exits.__aenter__()
         try:
-            self._nursery = await self._exits.enter_async_context(trio.open_nursery())
+            # Unwound in reverse: every task of the nursery has ended before the shutdown
+            # saves and closes the store (a catalog save in a thread must not lose its fd).
             self._exits.push_async_callback(self._shutdown)
+            self._nursery = await self._exits.enter_async_context(trio.open_nursery())
             self.reserve = FreeSpaceReserve(
                 functools.partial(os.statvfs, self.options.cache_dir), self.options.min_free
             )
@@ -363,6 +371,9 @@ class RemoteCache:
         """The file of one URL (for the library and the HTTP server): probed now if unknown,
         downloaded first if its server sends no length. Raises `HttpSourceError`."""
         cached = self._by_url.get(url)
+        while cached is not None and cached in self._changing:
+            await self._changing[cached].wait()  # being swapped: the new version comes
+            cached = self._by_url.get(url)
         if cached is not None and not cached.retired:
             return cached
         self._wanted.setdefault(url, name)
@@ -701,7 +712,7 @@ class RemoteCache:
             return
         if self._contradicted.get(cached, 0.0) > trio.current_time():
             return  # the origin contradicts itself about this file: not again so soon
-        self._changing.add(cached)
+        self._changing[cached] = trio.Event()
         log.warning(
             "%s: the remote file changed (%s); discarding its cached blocks; readers of the"
             " old version get EIO",
@@ -714,7 +725,7 @@ class RemoteCache:
         """A revalidation found another version: swap to it now (an opener may be waiting)."""
         if cached.retired or cached in self._changing:
             return
-        self._changing.add(cached)
+        self._changing[cached] = trio.Event()
         log.warning(
             "%s: the remote file changed (seen by a revalidation); discarding its cached"
             " blocks; readers of the old version get EIO",
@@ -768,7 +779,9 @@ class RemoteCache:
                     )
                     self.spawn(self._reprobe_retired, cached)
         finally:
-            self._changing.discard(cached)
+            done = self._changing.pop(cached, None)
+            if done is not None:
+                done.set()
         for door in self._doors:
             await door.settle(cached)
         if serving is not None:

@@ -1,0 +1,183 @@
+"""The doors onto one engine, side by side: the FUSE mount, the Python library (and, once it
+exists, the HTTP server), reading the same file from the same origin in the same run.
+
+    sudo .venv/bin/python -m bench.doors                     # loopback, 512 MiB
+    sudo .venv/bin/python -m bench.doors --rtt 0.02          # 20 ms per request
+
+Rows, each the median of ``--repeat`` interleaved runs, with a fresh cache every time:
+
+* cold sequential read of the whole file: ``curl`` (the link), the mount (``dd``), the library
+  (``f.read(1 MiB)`` in a loop, in a process of its own);
+* random 4 KiB reads at queue depth 1: the library's ``pread`` and, as the baseline, one
+  ``curl -r`` of 4 KiB (one request on this link); latency p50 and p99.
+
+Results go to ``bench/results/doors-<timestamp>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .data import make_random_file
+from .origin import ShapedOrigin
+from .run import drop_page_cache, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+REMOTEFS = [sys.executable, "-m", "remotefs"]
+MiB = 1 << 20
+
+LIBRARY_SEQUENTIAL = """
+import sys, time, remotefs
+url, cache_dir = sys.argv[1], sys.argv[2]
+with remotefs.open(url, cache_dir=cache_dir, fill="none") as f:
+    started = time.monotonic()
+    total = 0
+    while chunk := f.read(1 << 20):
+        total += len(chunk)
+    print(total, time.monotonic() - started)
+"""
+
+LIBRARY_RANDOM = """
+import json, random, sys, time, remotefs
+url, cache_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(4)
+times = []
+with remotefs.open(url, cache_dir=cache_dir, fill="none", prefetch_tail=0, prefetch_head=0) as f:
+    for _ in range(count):
+        offset = rng.randrange(f.size // 4096) * 4096
+        started = time.monotonic()
+        f.pread(4096, offset)
+        times.append(time.monotonic() - started)
+print(json.dumps(times))
+"""
+
+
+def mount_sequential(origin: ShapedOrigin, size: int, work: Path) -> float:
+    cache, mnt = work / "cache-mount", work / "mnt"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    mnt.mkdir(exist_ok=True)
+    urls = work / "urls.txt"
+    urls.write_text(origin.url("big.bin") + "\n")
+    subprocess.run(
+        [*REMOTEFS, "mount", str(urls), str(mnt), "--cache-dir", str(cache), "--no-fill"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        drop_page_cache()
+        started = time.monotonic()
+        subprocess.run(
+            ["dd", f"if={mnt / 'big.bin'}", "of=/dev/null", "bs=1M"],
+            check=True,
+            capture_output=True,
+        )
+        return size / (time.monotonic() - started) / 1e6
+    finally:
+        subprocess.run([*REMOTEFS, "unmount", str(mnt)], check=False, capture_output=True)
+
+
+def library_sequential(origin: ShapedOrigin, work: Path) -> float:
+    cache = work / "cache-library"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", LIBRARY_SEQUENTIAL, origin.url("big.bin"), str(cache)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    total, seconds = result.stdout.split()
+    return int(total) / float(seconds) / 1e6
+
+
+def curl_sequential(origin: ShapedOrigin, size: int) -> float:
+    started = time.monotonic()
+    subprocess.run(["curl", "-sS", "--fail", "-o", "/dev/null", origin.url("big.bin")], check=True)
+    return size / (time.monotonic() - started) / 1e6
+
+
+def library_random(origin: ShapedOrigin, work: Path, count: int) -> list[float]:
+    cache = work / "cache-random"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", LIBRARY_RANDOM, origin.url("big.bin"), str(cache), str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    times: list[float] = json.loads(result.stdout)
+    return times
+
+
+def curl_random(origin: ShapedOrigin, size: int, count: int) -> list[float]:
+    rng = random.Random(5)
+    times = []
+    for _ in range(count):
+        offset = rng.randrange(size // 4096) * 4096
+        started = time.monotonic()
+        subprocess.run(
+            ["curl", "-sS", "--fail", "-o", "/dev/null", "-r", f"{offset}-{offset + 4095}",
+             origin.url("big.bin")],
+            check=True,
+        )  # fmt: skip
+        times.append(time.monotonic() - started)
+    return times
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=parse_size, default=512 * MiB)
+    parser.add_argument("--rtt", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--random-reads", type=int, default=200)
+    args = parser.parse_args()
+    rows: dict[str, Any] = {"size": args.size, "rtt_ms": args.rtt * 1000}
+    with tempfile.TemporaryDirectory(prefix="remotefs-doors-") as tmp:
+        work = Path(tmp)
+        root = work / "origin"
+        root.mkdir()
+        make_random_file(root / "big.bin", args.size)
+        with ShapedOrigin(root, delay=args.rtt) as origin:
+            runs: dict[str, list[float]] = {"curl": [], "mount": [], "library": []}
+            for _ in range(args.repeat):
+                runs["curl"].append(curl_sequential(origin, args.size))
+                runs["mount"].append(mount_sequential(origin, args.size, work))
+                runs["library"].append(library_sequential(origin, work))
+                print({k: round(v[-1]) for k, v in runs.items()}, flush=True)
+            for name, values in runs.items():
+                rows[f"{name}_sequential_MBps"] = statistics.median(values)
+            rows["library_percent_of_mount"] = (
+                100 * rows["library_sequential_MBps"] / rows["mount_sequential_MBps"]
+            )
+            library = library_random(origin, work, args.random_reads)
+            curl = curl_random(origin, args.size, min(50, args.random_reads))
+            rows["library_pread_4k_p50_ms"] = 1000 * percentile(library, 0.5)
+            rows["library_pread_4k_p99_ms"] = 1000 * percentile(library, 0.99)
+            rows["curl_4k_p50_ms"] = 1000 * percentile(curl, 0.5)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"doors-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    sys.exit(main())
