@@ -8,8 +8,9 @@ Rows, each the median of ``--repeat`` interleaved runs, with a fresh cache every
 
 * cold sequential read of the whole file: ``curl`` (the link), the mount (``dd``), the library
   (``f.read(1 MiB)`` in a loop, in a process of its own);
-* random 4 KiB reads at queue depth 1: the library's ``pread`` and, as the baseline, one
-  ``curl -r`` of 4 KiB (one request on this link); latency p50 and p99.
+* random 4 KiB reads at queue depth 1: the library's ``pread`` and, as the baselines, one
+  4 KiB Range GET over a kept-alive connection (one round trip on this link) and one
+  ``curl -r`` (a process per request); latency p50 and p99.
 
 Results go to ``bench/results/doors-<timestamp>.json`` and ``.md``.
 """
@@ -135,6 +136,28 @@ def curl_random(origin: ShapedOrigin, size: int, count: int) -> list[float]:
     return times
 
 
+def request_random(origin: ShapedOrigin, size: int, count: int) -> list[float]:
+    """One round trip on this link: a 4 KiB Range GET over a kept-alive connection."""
+    import http.client
+
+    rng = random.Random(6)
+    connection = http.client.HTTPConnection("127.0.0.1", origin.port)
+    times = []
+    try:
+        for _ in range(count):
+            offset = rng.randrange(size // 4096) * 4096
+            started = time.monotonic()
+            connection.request(
+                "GET", "/big.bin", headers={"Range": f"bytes={offset}-{offset + 4095}"}
+            )
+            response = connection.getresponse()
+            response.read()
+            times.append(time.monotonic() - started)
+    finally:
+        connection.close()
+    return times
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -170,6 +193,8 @@ def main() -> int:
             rows["library_pread_4k_p50_ms"] = 1000 * percentile(library, 0.5)
             rows["library_pread_4k_p99_ms"] = 1000 * percentile(library, 0.99)
             rows["curl_4k_p50_ms"] = 1000 * percentile(curl, 0.5)
+            one = request_random(origin, args.size, min(100, args.random_reads))
+            rows["round_trip_4k_p50_ms"] = 1000 * percentile(one, 0.5)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
