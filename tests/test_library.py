@@ -331,3 +331,20 @@ def test_the_library_works_without_pyfuse3_as_another_user(
         assert result.stdout == data[1000:6000]
     finally:
         subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+def test_an_origin_without_range_is_downloaded_once_for_every_cursor(
+    virtual_origin: VirtualOrigin, tmp_path: Path
+) -> None:
+    virtual_origin.files["plain.bin"] = VirtualFile(3 * MiB + 5, seed=8, ranges=False)
+    url = virtual_origin.url("plain.bin")
+    with remotefs.Cache(tmp_path / "cache") as cache, cache.open(url) as f:
+        cursors = [f.clone() for _ in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda c: c.pread(100_000, 2 * MiB), cursors))
+        assert got == [expected(8, 2 * MiB, 100_000)] * 4
+        assert f.read() == expected(8, 0, 3 * MiB + 5)
+    # Two requests: the probe (answered with the whole body, which remotefs does not read:
+    # the origin counts what it wrote into the socket) and one stream of the whole file.
+    assert virtual_origin.requests("plain.bin") == 2
+    assert virtual_origin.body_bytes("plain.bin") <= 2 * (3 * MiB + 5)
