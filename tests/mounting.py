@@ -8,13 +8,16 @@ killed if need be) when the test ends, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from remotefs.daemon.process import wait_for_exit
 
@@ -158,3 +161,26 @@ class MountFactory:
                 if not wait_for_exit(mount.pid, 5):
                     os.kill(mount.pid, signal.SIGKILL)
                     wait_for_exit(mount.pid, 5)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "it") -> None:
+    """Poll *condition* until it holds; fail naming *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def status_json(mountpoint: Path, *, every: bool = True) -> dict[str, Any]:
+    """``remotefs status --json`` of a mount (every row unless *every* is False)."""
+    result = run_remotefs("status", "--json", *(["--all"] if every else []), mountpoint)
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def read_at(path: Path, offset: int, size: int) -> bytes:
+    """*size* bytes of *path* at *offset*, through an unbuffered file object."""
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        return handle.read(size)

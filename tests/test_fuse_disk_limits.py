@@ -9,19 +9,17 @@ not).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .conftest import loop_ext4
-from .mounting import MountFactory, force_unmount, run_remotefs
+from .mounting import MountFactory, force_unmount, run_remotefs, status_json
 from .virtual_origin import VirtualFile, VirtualOrigin, expected
 
 MiB = 1024 * 1024
@@ -40,13 +38,6 @@ def tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
     finally:
         force_unmount(where)
         subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def status(mountpoint: Path) -> dict[str, Any]:
-    result = run_remotefs("status", "--json", mountpoint)
-    assert result.returncode == 0, result.stderr
-    answer: dict[str, Any] = json.loads(result.stdout)
-    return answer
 
 
 def free_bytes(path: Path) -> int:
@@ -77,10 +68,10 @@ def test_fill_stops_at_the_free_space_reserve_and_reads_go_on(
         with open(path, "rb", buffering=0) as handle:
             assert handle.read(MiB) == expected(11, 0, MiB)
         deadline = time.monotonic() + 90
-        while status(mount.path)["daemon"]["reserve"]["paused"] is None:
+        while status_json(mount.path)["daemon"]["reserve"]["paused"] is None:
             assert time.monotonic() < deadline, "background fill never reached the reserve"
             time.sleep(0.5)
-        answer = status(mount.path)
+        answer = status_json(mount.path)
         assert answer["daemon"]["reserve"]["reserve"] == reserve
         assert "kept free (--min-free)" in answer["daemon"]["reserve"]["paused"]
         time.sleep(2)  # whatever was on its way has landed
@@ -133,10 +124,10 @@ def test_a_16_tib_file_reads_correctly_and_fill_planning_never_stalls_the_loop(
         while virtual_origin.body_bytes("huge.bin") < before + 8 * MiB:
             assert time.monotonic() < deadline, "background fill did not start"
             time.sleep(0.2)
-        loop = status(mount.path)["daemon"]["loop"]
+        loop = status_json(mount.path)["daemon"]["loop"]
         assert loop["checks"] > 100
         assert loop["max_stall"] < 0.05, loop
-        row = status(mount.path)["files"][0]
+        row = status_json(mount.path)["files"][0]
         assert row["state"] in ("filling", "partial")
         mount.unmount()
 

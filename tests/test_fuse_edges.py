@@ -19,40 +19,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .conftest import loop_ext4
-from .mounting import REMOTEFS, Mount, MountFactory, run_remotefs, with_fd_limit
+from .mounting import REMOTEFS, Mount, MountFactory, read_at, run_remotefs, wait_for, with_fd_limit
+from .mounting import status_json as status
 from .virtual_origin import VirtualFile, VirtualOrigin, expected
 
 MiB = 1024 * 1024
 TiB = 1 << 40
-
-
-def read_at(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(offset)
-        return handle.read(size)
-
-
-def status(mountpoint: Path) -> dict[str, Any]:
-    result = run_remotefs("status", "--json", "--all", mountpoint)
-    assert result.returncode == 0, result.stderr
-    answer: dict[str, Any] = json.loads(result.stdout)
-    return answer
-
-
-def wait_for(
-    condition: Callable[[], bool], timeout: float = 20.0, what: str = "a condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_hostile_sizes_cost_only_their_own_file(

@@ -8,32 +8,17 @@ counts conditional requests, 304s and body bytes per file.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .mounting import MountFactory, run_remotefs
+from .mounting import MountFactory, wait_for
+from .mounting import status_json as status
 from .virtual_origin import VirtualFile, VirtualOrigin, expected
 
 MiB = 1024 * 1024
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def status(mountpoint: Path) -> dict[str, Any]:
-    result = run_remotefs("status", "--json", "--all", mountpoint)
-    assert result.returncode == 0, result.stderr
-    answer: dict[str, Any] = json.loads(result.stdout)
-    return answer
 
 
 def row(mountpoint: Path, path: str) -> dict[str, Any]:
