@@ -75,7 +75,8 @@ def quote_path(parts: Sequence[str], *, directory: bool = False) -> str:
 
 
 def wants_json(accept: str | None) -> bool:
-    """True when ``Accept`` prefers ``application/json`` to HTML (by q-value, then order)."""
+    """True when ``Accept`` prefers ``application/json`` to HTML (by q-value; a tie, or
+    ``*/*`` beside an explicit JSON, goes to JSON)."""
     if not accept:
         return False
     best: dict[str, float] = {}
@@ -182,6 +183,8 @@ function render(s) {
   head.push("cache use " + human(t.cache_used) + cap);
   head.push(human(t.origin_bytes) + " from origins");
   if (t.rate) head.push(human(t.rate) + "/s now");
+  const http = s.daemon && s.daemon.http;
+  if (http) head.push(http.responses_in_flight + " HTTP responses in flight");
   document.getElementById("summary").textContent = head.join("; ");
   const body = document.getElementById("rows");
   body.replaceChildren();
