@@ -351,3 +351,23 @@ def test_status_without_arguments_includes_the_default_cache_directorys_server(
         stopped = remotefs("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert remotefs("stop").returncode == 1
+
+
+def test_a_url_that_answers_later_is_served_once_it_does(
+    origin: Origin, origin_root: Path, serve: ServeFactory
+) -> None:
+    """The engine tells the daemon (`Door.available`); the path appears in the tree, and so
+    on the server, without a reload."""
+    server = serve.start([origin.url("late.bin")])  # not at the origin yet: 404 to the probe
+    url = server.file_url("late.bin")
+    status, _, headers = curl(url)
+    assert status == 503 and headers["retry-after"] == "5"
+    data = write_random(origin_root / "late.bin", 500_000)
+    deadline = time.monotonic() + 30  # the re-prober tries after 5 s, then 10 s
+    while (answer := curl(url))[0] != 200:
+        assert answer[0] == 503, answer[0]
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.5)
+    assert answer[1] == data
+    listing = json.loads(curl("-H", "Accept: application/json", server.url + "/")[1])
+    assert [entry["name"] for entry in listing["entries"]] == ["late.bin"]

@@ -274,3 +274,45 @@ def test_a_client_that_stops_reading_is_let_go() -> None:
 
     trio.run(main)
     assert Listen("127.0.0.1", 0).bind == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize("protocol", ["--http1.1", "--http2-prior-knowledge"])
+def test_a_remote_change_ends_the_response_over_http_1_and_2(
+    protocol: str, origin: Origin, origin_root: Path, serve: ServeFactory, tmp_path: Path
+) -> None:
+    """curl reading slowly, over HTTP/1.1 or HTTP/2: the response ends at once when the
+    file changes at the origin, with old bytes only, and curl says it is incomplete."""
+    import subprocess
+
+    size = 48 * MiB
+    old = write_random(origin_root / "h.bin", size, seed=8)
+    server = serve.start(
+        [origin.url("h.bin")],
+        *("--readahead-max", "1M", "--prefetch-head", "0", "--prefetch-tail", "0"),
+    )
+    out = tmp_path / "body"
+    reader = subprocess.Popen(
+        ["curl", "-sS", protocol, "--limit-rate", "4M", "-o", str(out), server.file_url("h.bin")],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not out.exists() or out.stat().st_size < 2 * MiB:
+            assert time.monotonic() < deadline and reader.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.01)
+        write_random(origin_root / "h.bin", size, seed=9)
+        changed = time.monotonic()
+        _, stderr = reader.communicate(timeout=30)
+        ended = time.monotonic() - changed
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode != 0, "curl got the whole body"
+    body = out.read_bytes()
+    assert 2 * MiB <= len(body) < size
+    assert body == old[: len(body)]
+    # Cut within a few seconds of the change (the time to drain what was already sent at
+    # 4 MB/s, and for the server to notice), not at an idle timeout.
+    assert ended < 10, (ended, stderr)

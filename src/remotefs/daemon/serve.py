@@ -216,17 +216,21 @@ class Daemon:
             raise OSError(
                 err.errno, err.strerror or str(err), f"cannot listen on {settings.listen}"
             ) from None
+        connections = server.Connections()
         door = HttpDoor(
             self.tree,
             self.engine,
             token=settings.token,
             status=lambda every: control.status(every=every),
             pending=lambda path: path in self._missing,
+            cut=connections.cut,
         )
         door.addresses = server.addresses(sockets)
         self.engine.add_door(door)
         self._http = door
-        await nursery.start(server.serve, door, sockets, settings.listen, settings.limits)
+        await nursery.start(
+            server.serve, door, sockets, settings.listen, settings.limits, connections
+        )
 
     def statistics(self) -> dict[str, Any]:
         """Figures of the daemon's parts for `remotefs status --json` (no I/O, no await)."""

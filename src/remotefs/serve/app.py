@@ -15,10 +15,11 @@ fetched once whoever asks (another request, the mount, background fill).
 * **Remote changes.** Every response registers under the version it serves; when the engine
   swaps that version for a new one (`swap`), the response is cancelled, and a read of a
   retired version fails anyway. A response that already started then ends by closing the
-  connection before its declared length (the app returns without finishing the body:
-  hypercorn closes an HTTP/1.1 connection whose response is incomplete), so a client never
-  gets bytes of two versions in one body. Before the headers went out, the request starts
-  again on the new version.
+  connection before its declared length: the app shuts its socket down
+  (`remotefs.serve.server.Connections`; hypercorn would close an HTTP/1.1 connection whose
+  body is incomplete by itself, but leave an HTTP/2 stream open), so a client never gets
+  bytes of two versions in one body. Before the headers went out, the request starts again
+  on the new version.
 * **Safety.** Only names of the tree are served (no file system path, no URL from the
   request, and no request header ever reaches an origin). With a token, every request must
   carry it (``Authorization: Bearer`` or ``?token=``); without one (loopback only), the
@@ -84,6 +85,8 @@ class Request:
     raw_path: bytes
     headers: dict[str, str]
     query: dict[str, list[str]]
+    #: The client's address, which names its connection (`Connections.cut`).
+    client: tuple[str, int] | None = None
 
     @classmethod
     def from_scope(cls, scope: Scope) -> Request:
@@ -98,6 +101,7 @@ class Request:
             raw_path=bytes(scope.get("raw_path") or scope["path"].encode()),
             headers=headers,
             query=urllib.parse.parse_qs(raw_query, keep_blank_values=True),
+            client=tuple(scope["client"]) if scope.get("client") else None,
         )
 
 
@@ -167,8 +171,11 @@ class HttpDoor:
         token: str | None,
         status: StatusSource,
         pending: Callable[[tuple[str, ...]], bool] = lambda path: False,
+        cut: Callable[[tuple[str, int] | None], None] = lambda client: None,
     ) -> None:
         self._tree = tree
+        #: Ends the connection of a client at once (`remotefs.serve.server.Connections`).
+        self._cut = cut
         self._engine = engine
         self._token = token
         self._status = status
@@ -489,7 +496,8 @@ class HttpDoor:
                         return
                     log.warning("%s: response cut after %d bytes: %s", _shown(request), sent, err)
                     self.stats.aborted += 1
-                    return  # the body is incomplete: hypercorn closes the connection
+                    self._cut(request.client)  # before its declared length, whatever protocol
+                    return
             # Cancelled by a swap (a disconnect cancels the request's own scope instead).
             if not sender.started:
                 raise _Changed()
@@ -499,6 +507,7 @@ class HttpDoor:
                 sent,
             )
             self.stats.aborted += 1
+            self._cut(request.client)
         finally:
             self.stats.bytes_sent += sent
             self.stats.responses_in_flight -= 1

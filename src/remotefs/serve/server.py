@@ -25,6 +25,7 @@ versions whose signature matches (0.17, 0.18), and the tests run through it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import Any
@@ -76,6 +77,40 @@ class _Guarded(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+class Connections:
+    """The open connections by client address (``scope["client"]``): the app cuts one whose
+    response must end before its length (`cut`). Returning early is enough for HTTP/1.1
+    (hypercorn closes a connection whose body is incomplete), but hypercorn leaves an
+    unfinished HTTP/2 stream open until the connection idles; shutting the socket down ends
+    every protocol's response at once."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, int], trio.SocketStream] = {}
+
+    def add(self, stream: trio.SocketStream) -> tuple[str, int] | None:
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            return None
+        key = (str(peer[0]), int(peer[1]))
+        self._open[key] = stream
+        return key
+
+    def remove(self, key: tuple[str, int] | None) -> None:
+        if key is not None:
+            self._open.pop(key, None)
+
+    def cut(self, client: tuple[str, int] | None) -> None:
+        """Shut the connection of *client* down in both directions, now."""
+        stream = self._open.get(client) if client is not None else None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.socket.shutdown(socket.SHUT_RDWR)
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 class _LimitedListener(trio.abc.Listener[trio.SocketStream]):
@@ -133,10 +168,13 @@ async def serve(
     sockets: list[socket.socket],
     listen: Listen,
     limits: Limits,
+    connections: Connections | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve *app* on the bound *sockets* until cancelled (connections are then cut)."""
+    """Serve *app* on the bound *sockets* until cancelled (connections are then cut);
+    *connections* keeps the open ones for the app to cut."""
+    connections = connections if connections is not None else Connections()
     config = _config(listen, limits)
     context = WorkerContext(None)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
@@ -147,10 +185,12 @@ async def serve(
     ]
 
     async def connection(stream: trio.SocketStream) -> None:
+        key = connections.add(stream)
         try:
             guarded: Any = _Guarded(stream, limits.send_timeout)
             await TCPServer(wrapped, config, context, {}, guarded)
         finally:
+            connections.remove(key)
             slots.release()
 
     try:
@@ -163,4 +203,4 @@ async def serve(
                 await listener.aclose()
 
 
-__all__ = ["Limits", "addresses", "bind", "serve"]
+__all__ = ["Connections", "Limits", "addresses", "bind", "serve"]
