@@ -218,8 +218,10 @@ main() {
         # Depends. debootstrap: the fresh-machine test's Debian trees. systemd-container:
         # systemd-nspawn boots those trees with systemd as PID 1 (tests/test_systemd_live.py).
         # python3-venv: the library test builds a virtualenv without pyfuse3 from python3.
+        # ffmpeg (ffprobe), chromium and a font: the HTTP server's tests play a video through
+        # it in headless Chromium and probe an MP4 over it (tests/test_serve_media.py).
         packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl attr dpkg-dev debootstrap
-            systemd-container python3-venv)
+            systemd-container python3-venv ffmpeg chromium fonts-dejavu-core)
     fi
     if ! choose_python; then
         echo "setup: $choose_error" >&2
@@ -244,8 +246,8 @@ main() {
         echo "setup: creating $venv with $python (Python $version)" >&2
         "$python" -m venv "$venv"
     fi
-    local extra="[mount]" stamp
-    [ "$want_tests" = "test" ] && extra="[mount,test]"
+    local extra="[mount,serve]" stamp
+    [ "$want_tests" = "test" ] && extra="[mount,serve,test]"
     stamp="$venv/.installed$extra"
     if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
         echo "setup: installing remotefs$extra into $venv" >&2

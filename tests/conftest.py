@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from remotefs.config.options import MountOptions
 from .debs import DebBuilds
 from .mounting import MountFactory
 from .origin import Origin
+from .serving import ServeFactory
 from .virtual_origin import VirtualOrigin
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -71,6 +73,28 @@ def remotefs(fuse_available: None, tmp_path: Path) -> Iterator[MountFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeFactory]:
+    """`remotefs serve` factory; every server it started is stopped at the end."""
+    factory = ServeFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+def need_tool(tool: str, package: str) -> str:
+    """The path of *tool*; in CI its absence fails the test (setup installs *package*),
+    elsewhere it skips."""
+    found = shutil.which(tool)
+    if found is not None:
+        return found
+    message = f"{tool} is missing (Debian package {package}; scripts/setup.sh test installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

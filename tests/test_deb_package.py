@@ -34,8 +34,10 @@ INSTALLED = {
     Path("/usr/bin/remotefs"),
     Path("/usr/sbin/mount.remotefs"),
     Path("/lib/systemd/system/remotefs@.service"),
+    Path("/lib/systemd/system/remotefs-serve@.service"),
     Path("/usr/share/man/man1/remotefs.1.gz"),
     Path("/usr/share/doc/remotefs/example.conf"),
+    Path("/usr/share/doc/remotefs/serve-example.conf"),
 }
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
@@ -176,6 +178,9 @@ def test_build_install_mount_remove(
         unit = Path("/lib/systemd/system/remotefs@.service").read_text()
         assert "ExecStart=/usr/bin/remotefs mount -f " in unit
         assert "/usr/local" not in unit
+        unit = Path("/lib/systemd/system/remotefs-serve@.service").read_text()
+        assert "ExecStart=/usr/bin/remotefs serve -f " in unit
+        assert "/usr/local" not in unit and "/usr/share/doc/remotefs" in unit
 
         # -- mount through the installed command, read, unmount
         cache = tmp_path / "cache"
@@ -193,6 +198,24 @@ def test_build_install_mount_remove(
         assert (mountpoints[0] / "f.bin").read_bytes() == data
         ok(run("/usr/bin/remotefs", "unmount", mountpoints[0]))
         assert not is_mounted(mountpoints[0])
+
+        # -- the same files over HTTP: remotefs serve (hypercorn is in the package)
+        served = ok(
+            run(
+                "/usr/bin/remotefs",
+                "serve",
+                urls,
+                "--listen",
+                "127.0.0.1:0",
+                "--cache-dir",
+                cache,
+                "--no-fill",
+            )
+        )
+        address = served.split("serving ", 1)[1].split()[0]
+        ok(run("curl", "-sS", "-o", tmp_path / "served.bin", f"{address}/f.bin"))
+        assert (tmp_path / "served.bin").read_bytes() == data
+        ok(run("/usr/bin/remotefs", "stop", "--cache-dir", cache))
 
         # -- mount(8) -t remotefs runs the installed /usr/sbin/mount.remotefs
         options = f"ro,cache_dir={tmp_path / 'cache-helper'},no_fill"

@@ -242,6 +242,7 @@ def _purge_and_compare(chroot: Chroot, steps: Steps, purge: str, before: set[str
         "/usr/bin/remotefs",
         "/usr/sbin/mount.remotefs",
         "/lib/systemd/system/remotefs@.service",
+        "/lib/systemd/system/remotefs-serve@.service",
         "/usr/share/doc/remotefs",
         "/usr/share/man/man1/remotefs.1.gz",
     ):

@@ -291,3 +291,113 @@ def test_stop_post_clears_only_its_own_dead_mount(
     assert (again.path / "f.bin").read_bytes() == b"abc"
     again.unmount()
     assert wait_for_exit(again.pid, 10)
+
+
+# -- remotefs serve under systemd: remotefs-serve@.service --------------------------------------
+
+SERVE_UNIT = ROOT / "systemd" / "remotefs-serve@.service"
+
+
+def test_serve_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        message = "systemd-analyze is missing (Debian package: systemd)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    wrapper = tmp_path / "bin" / "remotefs"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m remotefs \"$@\"\n")
+    wrapper.chmod(0o755)
+    text = SERVE_UNIT.read_text()
+    assert text.count("/usr/local/bin/remotefs ") == 2, "ExecStart and ExecReload use it"
+    units = tmp_path / "units"
+    units.mkdir()
+    template = units / SERVE_UNIT.name
+    template.write_text(text.replace("/usr/local/bin/remotefs ", f"{wrapper} "))
+    instance = units / "remotefs-serve@example.service"
+    shutil.copy(template, instance)
+    for unit in (template, instance):
+        result = subprocess.run(
+            [tool, "verify", "--man=no", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        ours = [line for line in output.splitlines() if "remotefs" in line]
+        assert result.returncode == 0, output
+        assert not ours, f"systemd-analyze complains about the unit: {ours}"
+
+
+def test_serve_unit_settings() -> None:
+    settings: dict[str, list[str]] = {}
+    for line in SERVE_UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert settings["Type"] == ["notify"]
+    assert settings["EnvironmentFile"] == ["-/etc/remotefs/%i.serve.conf"]
+    assert "LISTEN=127.0.0.1:8080" in settings["Environment"]  # loopback by default
+    start = shlex.split(settings["ExecStart"][0])
+    assert start[1:7] == ["serve", "-f", "${URLS}", "--listen", "${LISTEN}", "--cache-dir"]
+    assert start[-1] == "$OPTIONS"
+    assert shlex.split(settings["ExecReload"][0])[1:3] == ["reload", "--cache-dir"]
+    # No mount to keep visible: the whole sandbox applies.
+    for kept in ("ProtectSystem", "NoNewPrivileges", "PrivateDevices", "PrivateTmp"):
+        assert settings[kept] in (["strict"], ["yes"]), kept
+    assert settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+
+
+def test_serve_ready_status_and_stopping_under_a_fake_systemd(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """READY=1 only once the server answers HTTP; STATUS= lines; STOPPING=1 on SIGTERM."""
+    data = write_random(origin_root / "f.bin", SIZE)
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{origin.url('f.bin')}\n")
+    sock_dir = Path(tempfile.mkdtemp(prefix="rfs-notify-", dir="/tmp"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_dir / "notify"))
+    stderr_path = tmp_path / "stderr.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(
+                [*REMOTEFS, "serve", "-f", str(urls), "--listen", "127.0.0.1:0",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-fill",
+                 "--status-interval", "0.2"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, "NOTIFY_SOCKET": str(sock_dir / "notify")},
+            )  # fmt: skip
+        sock.settimeout(30)
+        fields = {}
+        while "READY" not in fields:
+            data_gram = sock.recv(4096).decode()
+            fields = dict(line.split("=", 1) for line in data_gram.splitlines() if "=" in line)
+        # At the moment READY=1 arrived, the server answered, and the log says where.
+        found = re.search(r"serving (http://\S+) ", stderr_path.read_text())
+        assert found, stderr_path.read_text()
+        import urllib.request
+
+        with urllib.request.urlopen(f"{found.group(1)}/f.bin", timeout=10) as answer:
+            assert answer.read() == data
+        assert fields["STATUS"].startswith("serving 1 file; cached ")
+        periodic = sock.recv(4096).decode()
+        assert periodic.startswith("STATUS=serving 1 file")
+        proc.send_signal(signal.SIGTERM)
+        while True:
+            message = sock.recv(4096).decode()
+            if "STOPPING=1" in message:
+                break
+        assert "STATUS=got SIGTERM" in message
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        sock.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -1,9 +1,14 @@
-"""``remotefs status``, ``prefetch``, ``evict`` and ``reload``: clients of a running mount.
+"""``remotefs status``, ``prefetch``, ``evict``, ``reload`` and ``stop``: clients of a daemon.
 
 They talk to the daemon over its control socket (see `remotefs.daemon.control` for the
-protocol), which they find through the ``user.remotefs.control`` xattr of the mount root, so
-only a mountpoint or a path inside a mount is needed. Mounts are found in /proc/self/mounts
-(type ``fuse.remotefs``). Every error is one line on stderr and exit status 1.
+protocol). A mount's daemon is found through the ``user.remotefs.control`` xattr of the
+mount root, so only a mountpoint or a path inside a mount is needed; mounts are found in
+/proc/self/mounts (type ``fuse.remotefs``). A daemon that only serves HTTP has no mount to
+ask: it is found by its cache directory, whose ``control.sock`` it owns (``--cache-dir
+DIR``; without it, the default cache directory's daemon is included too). Its files are
+named by their paths in the URL list, or by their URLs on the server
+(``http://127.0.0.1:8080/videos/clip.mp4``). Every error is one line on stderr and exit
+status 1.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .daemon.control import MAX_ANSWER, unix_address
-from .fuse.ops import CONTROL_XATTR
+from .config.options import default_cache_dir
+from .daemon.control import MAX_ANSWER, SOCKET_NAME, unix_address
+from .daemon.process import wait_for_exit
+from .fuse.xattr_names import CONTROL_XATTR
 
-COMMANDS = ("status", "prefetch", "evict", "reload")
+COMMANDS = ("status", "prefetch", "evict", "reload", "stop")
 FSTYPE = "fuse.remotefs"
 #: How long one request may take (an eviction fsyncs, and waits briefly for busy files; a
 #: reload probes every URL, each for up to --probe-timeout, in parallel).
@@ -114,12 +123,71 @@ def control_socket(mountpoint: str) -> Path:
         raise ClientError(f"{mountpoint}: {err.strerror}") from None
 
 
-class Control:
-    """One connection to a mount's daemon."""
+@dataclass(frozen=True)
+class Target:
+    """A daemon to talk to: a mount (its socket found through the root's xattr), or the
+    daemon of a cache directory (a serve-only one, or any daemon by its directory)."""
 
-    def __init__(self, mountpoint: str) -> None:
+    #: The mountpoint, or the cache directory.
+    name: str
+    #: The control socket, for a daemon found by its cache directory.
+    socket: Path | None = None
+
+    @classmethod
+    def of_cache(cls, cache_dir: str | os.PathLike[str]) -> Target:
+        directory = os.path.abspath(cache_dir)
+        return cls(directory, Path(directory) / SOCKET_NAME)
+
+    def connect(self) -> Control:
+        return Control(self.name, self.socket)
+
+    def where(self, answer: dict[str, Any], path: str) -> str:
+        """How a file of this daemon is shown: its path in the mount, else its HTTP URL."""
+        if self.socket is None:
+            return os.path.join(self.name, path)
+        mountpoint = answer.get("mountpoint")
+        if mountpoint:
+            return os.path.join(mountpoint, path)
+        listen = answer.get("listen") or []
+        if listen:
+            return f"{listen[0]}/{urllib.parse.quote(path)}"
+        return path
+
+
+def served_path(text: str) -> str:
+    """A path of the URL list from what a user typed: ``a/b.mp4``, ``/a/b.mp4`` or the file's
+    URL on the server (``http://127.0.0.1:8080/a/b%20c.mp4``)."""
+    if text.startswith(("http://", "https://")):
+        text = urllib.parse.unquote(urllib.parse.urlsplit(text).path)
+    return text.strip("/")
+
+
+def default_server() -> Target | None:
+    """The daemon of the default cache directory, when one runs there and has no mount."""
+    target = Target.of_cache(default_cache_dir())
+    assert target.socket is not None
+    if not target.socket.exists():
+        return None
+    try:
+        with target.connect() as control:
+            answer = control.request({"cmd": "status", "paths": [""]})
+    except ClientError:
+        return None
+    return target if not answer.get("mountpoint") else None
+
+
+class Control:
+    """One connection to a daemon: a mount's (*path* None: found through the mount root's
+    xattr), or the one listening on the control socket *path*."""
+
+    def __init__(self, mountpoint: str, path: Path | None = None) -> None:
         self.mountpoint = mountpoint
-        path = control_socket(mountpoint)
+        if path is None:
+            path = control_socket(mountpoint)
+        elif not path.exists():
+            raise ClientError(
+                f"{mountpoint}: no remotefs daemon uses this cache directory (no {path.name})"
+            )
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(REQUEST_TIMEOUT)
         self._buffer = bytearray()
@@ -130,7 +198,7 @@ class Control:
             self._sock.close()
             raise ClientError(
                 f"{mountpoint}: no permission to use its control socket {path}"
-                " (only the user who mounted it may)"
+                " (only the user who started the daemon may)"
             ) from None
         except OSError as err:
             self._sock.close()
@@ -175,20 +243,39 @@ class Control:
         return answer
 
 
-def _group_by_mount(paths: list[str]) -> dict[str, list[str]]:
-    """Each path's mount and its path inside it; every path must exist inside a mount."""
+def _group_by_daemon(paths: list[str], cache_dir: str | None) -> dict[Target, list[str]]:
+    """Each path's daemon and its path there.
+
+    With *cache_dir*, every path is a path of that daemon's URL list (or a file's URL on its
+    server). Otherwise a path must exist inside a mount, and a URL
+    (``http://127.0.0.1:8080/...``) names a file of the default cache directory's daemon.
+    """
+    if cache_dir is not None:
+        return {Target.of_cache(cache_dir): [served_path(path) for path in paths]}
     mounts = remotefs_mounts()
-    groups: dict[str, list[str]] = {}
+    groups: dict[Target, list[str]] = {}
     for path in paths:
+        if path.startswith(("http://", "https://")):
+            server = default_server()
+            if server is None:
+                raise ClientError(
+                    f"{path}: no serving daemon in the default cache directory"
+                    f" {default_cache_dir()}; name its cache directory with --cache-dir"
+                )
+            groups.setdefault(server, []).append(served_path(path))
+            continue
         found = locate(path, mounts)
         if found is None:
-            raise ClientError(f"{path}: not inside a remotefs mount")
+            raise ClientError(
+                f"{path}: not inside a remotefs mount (for a daemon that serves HTTP, give"
+                " --cache-dir DIR and the path in its URL list, or the file's URL)"
+            )
         try:
             os.stat(path)
         except OSError as err:
             raise ClientError(f"{path}: {err.strerror}") from None
         mountpoint, relative = found
-        groups.setdefault(mountpoint, []).append("" if relative == "." else relative)
+        groups.setdefault(Target(mountpoint), []).append("" if relative == "." else relative)
     return groups
 
 
@@ -215,8 +302,11 @@ def bar(percent: float, width: int = 20) -> str:
 def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
     """The table of one mount's status answer."""
     totals = status["totals"]
+    title = status.get("mountpoint") or ", ".join(status.get("listen") or [])
+    if status.get("mountpoint") and status.get("listen"):
+        title += f" and {', '.join(status['listen'])}"
     lines = [
-        f"{status['mountpoint']}  (pid {status['pid']}; {totals['files']}"
+        f"{title or status.get('cache_dir', '?')}  (pid {status['pid']}; {totals['files']}"
         f" file{'' if totals['files'] == 1 else 's'}, {totals['complete']} complete)"
     ]
     states = totals.get("states")
@@ -311,17 +401,25 @@ class LiveView:
 
 
 def add_commands(commands: Any) -> None:
-    """Add the status, prefetch, evict and reload sub-commands to the CLI's sub-parsers."""
+    """Add the status, prefetch, evict, reload and stop sub-commands to the CLI's parsers."""
+    cache_help = (
+        "the daemon that uses this cache directory (one that only serves HTTP has no mount"
+        " to name); PATHs are then paths of its URL list, or the files' URLs on its server"
+    )
     status = commands.add_parser(
         "status",
-        help="show what each file of a mount has cached, and what is downloading",
-        description="Show every file of MOUNTPOINT (or of every remotefs mount): size, cached"
-        " bytes, state, download rate and bytes fetched from the origin this session. On a"
-        " terminal the view refreshes until Ctrl-C.",
+        help="show what each file of a daemon has cached, and what is downloading",
+        description="Show every file of MOUNTPOINT (or of every remotefs mount, and the daemon"
+        " of the default cache directory): size, cached bytes, state, download rate and bytes"
+        " fetched from the origin this session. On a terminal the view refreshes until Ctrl-C.",
     )
     status.add_argument(
-        "mountpoint", nargs="?", metavar="MOUNTPOINT", help="a mount, or a path inside one"
+        "mountpoint",
+        nargs="?",
+        metavar="MOUNTPOINT",
+        help="a mount, or a path inside one (with --cache-dir: a path of the URL list)",
     )
+    status.add_argument("--cache-dir", default=None, metavar="DIR", help=cache_help)
     status.add_argument("--json", action="store_true", help="print the status as JSON and exit")
     status.add_argument("--once", action="store_true", help="print one snapshot even on a terminal")
     status.add_argument(
@@ -336,7 +434,10 @@ def add_commands(commands: Any) -> None:
         description="Download the files (or every file under the directories) completely,"
         " and wait until they are. Exits 0 once all are complete.",
     )
-    prefetch.add_argument("paths", nargs="+", metavar="PATH", help="a file inside a mount")
+    prefetch.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file inside a mount, or a served file's URL"
+    )
+    prefetch.add_argument("--cache-dir", default=None, metavar="DIR", help=cache_help)
     evict = commands.add_parser(
         "evict",
         help="drop the cached data of files",
@@ -344,11 +445,14 @@ def add_commands(commands: Any) -> None:
         " directories); the next read downloads again. Refused while a file is open or"
         " downloading.",
     )
-    evict.add_argument("paths", nargs="+", metavar="PATH", help="a file inside a mount")
+    evict.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file inside a mount, or a served file's URL"
+    )
+    evict.add_argument("--cache-dir", default=None, metavar="DIR", help=cache_help)
     reload = commands.add_parser(
         "reload",
-        help="re-read the URL list of a mount (as SIGHUP to its daemon does)",
-        description="Read the mount's URL list again: added URLs appear, removed ones"
+        help="re-read the URL list of a daemon (as SIGHUP to it does)",
+        description="Read the daemon's URL list again: added URLs appear, removed ones"
         " disappear (open files keep working until closed), changed ones are probed and"
         " replaced; no remount. A broken list changes nothing and is reported with its line.",
     )
@@ -356,20 +460,40 @@ def add_commands(commands: Any) -> None:
         "mountpoint",
         nargs="?",
         metavar="MOUNTPOINT",
-        help="a mount, or a path inside one (default: the only remotefs mount)",
+        help="a mount, or a path inside one (default: the only remotefs mount, or else the"
+        " default cache directory's daemon)",
     )
+    reload.add_argument("--cache-dir", default=None, metavar="DIR", help=cache_help)
+    stop = commands.add_parser(
+        "stop",
+        help="stop a daemon (remotefs serve), waiting until it saved its state",
+        description="Stop the daemon of MOUNTPOINT, or of --cache-dir DIR (default: the daemon"
+        " of the default cache directory), as SIGTERM does: it stops serving, unmounts if it"
+        " has a mount, saves its state and exits; the command waits for that.",
+    )
+    stop.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT", help="a mount")
+    stop.add_argument("--cache-dir", default=None, metavar="DIR", help=cache_help)
+    stop.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: 30)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run a control command; errors become one line on stderr and exit status 1."""
     try:
         if args.command == "status":
-            return cmd_status(args.mountpoint, as_json=args.json, once=args.once, every=args.all)
+            return cmd_status(
+                args.mountpoint,
+                as_json=args.json,
+                once=args.once,
+                every=args.all,
+                cache_dir=args.cache_dir,
+            )
         if args.command == "prefetch":
-            return cmd_prefetch(args.paths)
+            return cmd_prefetch(args.paths, args.cache_dir)
         if args.command == "reload":
-            return cmd_reload(args.mountpoint)
-        return cmd_evict(args.paths)
+            return cmd_reload(args.mountpoint, args.cache_dir)
+        if args.command == "stop":
+            return cmd_stop(args.mountpoint, args.cache_dir, args.timeout)
+        return cmd_evict(args.paths, args.cache_dir)
     except ClientError as err:
         sys.stderr.write(f"remotefs: {err}\n")
         return 1
@@ -380,8 +504,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _query(mountpoint: str, paths: list[str] | None, *, every: bool = False) -> dict[str, Any]:
-    with Control(mountpoint) as control:
+def _query(target: Target, paths: list[str] | None, *, every: bool = False) -> dict[str, Any]:
+    with target.connect() as control:
         request: dict[str, Any] = {"cmd": "status"}
         if paths is not None:
             request["paths"] = paths
@@ -390,35 +514,50 @@ def _query(mountpoint: str, paths: list[str] | None, *, every: bool = False) -> 
         return control.request(request)
 
 
-def cmd_status(target: str | None, *, as_json: bool, once: bool, every: bool = False) -> int:
-    """``remotefs status [MOUNTPOINT] [--json] [--once]``."""
-    if target is not None:
+def cmd_status(
+    target: str | None,
+    *,
+    as_json: bool,
+    once: bool,
+    every: bool = False,
+    cache_dir: str | None = None,
+) -> int:
+    """``remotefs status [MOUNTPOINT | --cache-dir DIR [PATH]] [--json] [--once]``."""
+    explicit = target is not None or cache_dir is not None
+    selection: list[tuple[Target, list[str] | None]]
+    if cache_dir is not None:
+        paths = None if target is None or not served_path(target) else [served_path(target)]
+        selection = [(Target.of_cache(cache_dir), paths)]
+    elif target is not None:
         found = locate(target, remotefs_mounts())
         mountpoint, relative = found or (os.path.abspath(target), ".")
         paths = None if relative == "." else [relative]
-        selection = [(mountpoint, paths)]
+        selection = [(Target(mountpoint), paths)]
     else:
-        selection = [(mountpoint, None) for mountpoint in remotefs_mounts()]
+        selection = [(Target(mountpoint), None) for mountpoint in remotefs_mounts()]
+        server = default_server()
+        if server is not None:
+            selection.append((server, None))
 
     def snapshot() -> tuple[list[dict[str, Any]], list[str]]:
         answers, errors = [], []
-        for mountpoint, paths in selection:
+        for where, paths in selection:
             try:
-                answers.append(_query(mountpoint, paths, every=every))
+                answers.append(_query(where, paths, every=every))
             except ClientError as err:
-                if target is not None:
+                if explicit:
                     raise
-                answers.append({"ok": False, "mountpoint": mountpoint, "error": str(err)})
+                answers.append({"ok": False, "mountpoint": where.name, "error": str(err)})
                 errors.append(str(err))
         return answers, errors
 
     answers, errors = snapshot()
     if as_json:
-        json.dump(answers[0] if target is not None else answers, sys.stdout, indent=2)
+        json.dump(answers[0] if explicit else answers, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 1 if errors else 0
     if not selection:
-        print("no remotefs mounts")
+        print("no remotefs mounts or daemons")
         return 0
     live = sys.stdout.isatty() and not once
 
@@ -445,28 +584,27 @@ def cmd_status(target: str | None, *, as_json: bool, once: bool, every: bool = F
     return 0
 
 
-def cmd_prefetch(paths: list[str]) -> int:
+def cmd_prefetch(paths: list[str], cache_dir: str | None = None) -> int:
     """``remotefs prefetch PATH...``: start the downloads, then follow them to the end."""
-    groups = _group_by_mount(paths)
-    names: dict[str, list[str]] = {}
-    for mountpoint, relatives in groups.items():
-        with Control(mountpoint) as control:
-            names[mountpoint] = control.request({"cmd": "prefetch", "paths": relatives})["files"]
+    groups = _group_by_daemon(paths, cache_dir)
+    names: dict[Target, list[str]] = {}
+    for target, relatives in groups.items():
+        with target.connect() as control:
+            names[target] = control.request({"cmd": "prefetch", "paths": relatives})["files"]
     view = LiveView(sys.stdout) if sys.stdout.isatty() else None
     while True:
         files: list[tuple[str, dict[str, Any]]] = []
-        for mountpoint, selected in names.items():
-            answer = _query(mountpoint, selected, every=True)
-            files.extend((mountpoint, entry) for entry in answer["files"])
-        outcomes = [(mountpoint, entry, _prefetch_outcome(entry)) for mountpoint, entry in files]
+        for target, selected in names.items():
+            answer = _query(target, selected, every=True)
+            files.extend((target.where(answer, entry["path"]), entry) for entry in answer["files"])
+        outcomes = [(where, entry, _prefetch_outcome(entry)) for where, entry in files]
         if view is not None:
-            view.show([_progress_line(mountpoint, entry) for mountpoint, entry, _ in outcomes])
+            view.show([_progress_line(where, entry) for where, entry, _ in outcomes])
         if all(outcome is not None for _, _, outcome in outcomes):
             break
         time.sleep(PREFETCH_POLL)
     failed = 0
-    for mountpoint, entry, outcome in outcomes:
-        where = os.path.join(mountpoint, entry["path"])
+    for where, entry, outcome in outcomes:
         if outcome:
             failed += 1
             sys.stderr.write(f"remotefs: prefetch of {where} failed: {outcome}\n")
@@ -491,45 +629,80 @@ def _prefetch_outcome(entry: dict[str, Any]) -> str | None:
     return None
 
 
-def _progress_line(mountpoint: str, entry: dict[str, Any]) -> str:
-    """``[####....]  40.0%  path  1.0 MiB of 2.5 MiB  3.1 MiB/s  filling`` (path in its mount)."""
+def _progress_line(where: str, entry: dict[str, Any]) -> str:
+    """``[####....]  40.0%  path  1.0 MiB of 2.5 MiB  3.1 MiB/s  filling``."""
     rate = f"  {human(entry['rate'])}/s" if entry["rate"] else ""
     return (
-        f"{bar(entry['percent'])} {entry['percent']:5.1f}%  {entry['path']}"
+        f"{bar(entry['percent'])} {entry['percent']:5.1f}%  {where}"
         f"  {human(entry['cached_bytes'])} of {human(entry['size'])}{rate}  {entry['state']}"
     )
 
 
-def cmd_evict(paths: list[str]) -> int:
+def cmd_evict(paths: list[str], cache_dir: str | None = None) -> int:
     """``remotefs evict PATH...``."""
-    for mountpoint, relatives in _group_by_mount(paths).items():
-        with Control(mountpoint) as control:
+    for target, relatives in _group_by_daemon(paths, cache_dir).items():
+        with target.connect() as control:
             answer = control.request({"cmd": "evict", "paths": relatives})
+            shown = control.request({"cmd": "status", "paths": [""]}) if target.socket else {}
         for entry in answer["files"]:
-            where = os.path.join(mountpoint, entry["path"])
+            where = target.where(shown, entry["path"])
             print(f"evicted {where} ({human(entry['freed'])} dropped)")
     return 0
 
 
-def cmd_reload(target: str | None) -> int:
-    """``remotefs reload [MOUNTPOINT]``: one summary line, or the URL list's error."""
+def _one_daemon(target: str | None, cache_dir: str | None) -> Target:
+    """The daemon a reload or stop is for: named, or the only mount, or the default cache
+    directory's serving daemon."""
+    if cache_dir is not None:
+        return Target.of_cache(cache_dir)
     mounts = remotefs_mounts()
     if target is not None:
         found = locate(target, mounts)
-        mountpoint = found[0] if found else os.path.abspath(target)
-    elif len(mounts) == 1:
-        mountpoint = mounts[0]
-    elif not mounts:
-        raise ClientError("no remotefs mounts")
-    else:
-        raise ClientError(f"{len(mounts)} remotefs mounts; name one: {' '.join(mounts)}")
-    with Control(mountpoint) as control:
+        return Target(found[0] if found else os.path.abspath(target))
+    server = default_server()
+    if len(mounts) == 1 and server is None:
+        return Target(mounts[0])
+    if not mounts and server is not None:
+        return server
+    if not mounts:
+        raise ClientError("no remotefs mounts or daemons")
+    names = [*mounts, *([server.name] if server is not None else [])]
+    raise ClientError(
+        f"{len(names)} remotefs daemons; name one (a MOUNTPOINT, or --cache-dir DIR):"
+        f" {' '.join(names)}"
+    )
+
+
+def cmd_reload(target: str | None, cache_dir: str | None = None) -> int:
+    """``remotefs reload [MOUNTPOINT | --cache-dir DIR]``: one summary line, or the URL
+    list's error."""
+    daemon = _one_daemon(target, cache_dir)
+    with daemon.connect() as control:
         answer = control.request({"cmd": "reload"})
     pending = f", {answer['pending']} not listed yet" if answer.get("pending") else ""
     print(
-        f"{mountpoint}: reloaded {answer['urls']}: {answer['added']} added,"
+        f"{daemon.name}: reloaded {answer['urls']}: {answer['added']} added,"
         f" {answer['removed']} removed, {answer['changed']} changed{pending}"
         f" ({answer['files']} file{'' if answer['files'] == 1 else 's'};"
         f" {answer['revalidating']} being confirmed with their origins)"
     )
+    return 0
+
+
+def cmd_stop(target: str | None, cache_dir: str | None, timeout: float) -> int:
+    """``remotefs stop [MOUNTPOINT | --cache-dir DIR]``: stop, and wait until it exited."""
+    if target is None and cache_dir is None:
+        daemon = default_server()
+        if daemon is None:
+            raise ClientError(
+                f"no daemon serves from the default cache directory {default_cache_dir()};"
+                " name one: remotefs stop MOUNTPOINT, or remotefs stop --cache-dir DIR"
+            )
+    else:
+        daemon = _one_daemon(target, cache_dir)
+    with daemon.connect() as control:
+        pid = int(control.request({"cmd": "stop"})["pid"])
+    if not wait_for_exit(pid, timeout):
+        raise ClientError(f"{daemon.name}: daemon {pid} did not exit within {timeout:.0f}s")
+    print(f"{daemon.name}: stopped (daemon {pid} saved its state)")
     return 0

@@ -354,7 +354,7 @@ def _checked_url(url: str) -> str:
     if not isinstance(url, str) or not url or any(ch in url for ch in "\n\r"):
         raise UrlError(f"not a URL: {redact_url(str(url))!r}")
     try:
-        entries = parse_manifest_text(url.replace(" ", "%20"), "url")
+        entries = parse_manifest_text(url.replace(" ", "%20"), "url", reserved=frozenset())
     except ManifestError as err:
         raise UrlError(err.reason) from None
     return entries[0].url

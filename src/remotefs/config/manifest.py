@@ -58,6 +58,10 @@ RESERVED_HEADERS = frozenset(
     }
 )
 
+#: Top-level names a URL list may not use: the HTTP server (``remotefs serve``) keeps its own
+#: pages there (``/_remotefs/status``). Refused for mounts too, so one list serves both doors.
+RESERVED_NAMES = frozenset({"_remotefs"})
+
 #: Request headers as (name, value) pairs, in the order given.
 Headers = tuple[tuple[str, str], ...]
 
@@ -165,11 +169,14 @@ def parse_manifest_bytes(data: bytes, source: str) -> list[ManifestEntry]:
     return parse_manifest_text(text, source)
 
 
-def parse_manifest_text(text: str, source: str) -> list[ManifestEntry]:
+def parse_manifest_text(
+    text: str, source: str, *, reserved: frozenset[str] = RESERVED_NAMES
+) -> list[ManifestEntry]:
     """Parse manifest text into entries, in file order.
 
     Every line is checked before anything is returned, so a caller never acts on part of a
-    broken manifest.  ``source`` is only used in error messages.
+    broken manifest.  ``source`` is only used in error messages. A path whose first segment
+    is one of *reserved* is refused (the library, which names no paths, passes none).
     """
     entries: list[ManifestEntry] = []
     tree = _PathTree()
@@ -190,6 +197,11 @@ def parse_manifest_text(text: str, source: str) -> list[ManifestEntry]:
                 continue
             _finish_headers(entries, headers)
             url, path = _parse_line(content)
+            if path[0] in reserved:
+                raise _LineError(
+                    f"the name {path[0]!r} is reserved: remotefs serve keeps its own pages under"
+                    f" /{path[0]}/; give this URL another PATH"
+                )
             tree.add(path, number)
         except _LineError as exc:
             raise ManifestError(source, number, exc.reason) from None

@@ -1,4 +1,4 @@
-"""Run the daemon in the background, returning to the shell only once the mount answers.
+"""Run the daemon in the background, returning to the shell only once it answers.
 
 The classic fork-and-exit returns before the filesystem is usable, so `remotefs mount ...;
 ls /mnt` races. Here the parent waits on a pipe: the child writes progress lines while it
@@ -24,7 +24,8 @@ ERROR = "error"
 class Reporter:
     """What the child tells the waiting parent."""
 
-    ready: Callable[[], None]
+    #: The daemon answers; the text (where it serves, or "") is printed by the parent.
+    ready: Callable[[str], None]
     error: Callable[[str], None]
     progress: Callable[[int, int], None]
 
@@ -35,7 +36,8 @@ ChildMain = Callable[[Reporter], int]
 def run_in_background(child: ChildMain, log_fd: int, log_file: str) -> int:
     """Fork; the child runs ``child(reporter)``; return the parent's exit code.
 
-    *child* must call ``reporter.ready()`` when the mount answers, or ``reporter.error(text)``
+    *child* must call ``reporter.ready(text)`` when the mount answers (the parent prints
+    *text*, when there is one, on its stdout), or ``reporter.error(text)``
     when it fails before that. Its return value is the child's exit status. *log_fd* is the
     opened log file: the child's stdout and stderr go there (libfuse writes to them).
     """
@@ -48,11 +50,11 @@ def run_in_background(child: ChildMain, log_fd: int, log_file: str) -> int:
         def send(line: str) -> None:
             os.write(write_end, (line.replace("\n", " ")[:4000] + "\n").encode(errors="replace"))
 
-        def ready() -> None:
+        def ready(message: str = "") -> None:
             nonlocal done
             if not done:
                 done = True
-                send(READY)
+                send(f"{READY} {message}" if message else READY)
                 os.close(write_end)
                 # Only now, mounted: systemd lets the process group of a mount helper past
                 # the automount it is mounting (x-systemd.automount); a session of our own
@@ -109,7 +111,11 @@ def _wait_for_child(read_end: int, pid: int, log_file: str) -> int:
                 break
     if shown:
         sys.stderr.write("\r\x1b[K")
-    if outcome == READY:
+    if outcome == READY or (outcome is not None and outcome.startswith(READY + " ")):
+        said = outcome[len(READY) + 1 :].strip()
+        if said:
+            sys.stdout.write(f"remotefs: {said}\n")
+            sys.stdout.flush()
         return 0
     if outcome is None:
         # The child died without a word (killed): reap it to report its status.

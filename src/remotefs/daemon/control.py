@@ -1,28 +1,31 @@
-"""The control socket of a running mount: `remotefs status`, `prefetch`, `evict`, `reload`.
+"""The control socket of a running daemon: `remotefs status`, `prefetch`, `evict`, `reload`,
+`stop`.
 
 The daemon listens on a unix stream socket, ``CACHE_DIR/control.sock`` (mode 0600; a stale
 one left by a killed daemon is replaced, since whoever holds the cache lock owns it; removed
-at exit). The mount root's ``user.remotefs.control`` xattr names it, so a client needs only
-the mountpoint.
+at exit). A mount root's ``user.remotefs.control`` xattr names it, so a client needs only
+the mountpoint; a daemon that only serves HTTP is found through its cache directory
+(``remotefs status --cache-dir DIR``, the default directory when none is given).
 
 The protocol is one JSON object per line each way, answered in order on one connection:
 
 ``{"cmd": "status"}``, with ``"paths": [...]`` and ``"all": true`` optional
-    Per file: path, redacted URL, size, cached_bytes, percent, state (``complete``,
-    ``partial``, ``filling`` while a download or a prefetch runs, ``uncached`` when the cache
-    cannot hold it, ``gone at origin`` after a 404/410, ``error`` when the last download
-    failed, with ``error``), validated_at (when the origin last confirmed it, seconds since
-    the epoch), lifetime (seconds it stays fresh after that) and fresh, note (why a file
-    is fetched as it is: the origin ignores Range, or it is served uncached), rate (bytes/s
-    over the last seconds), origin_bytes (this session) and the outcome of the last prefetch;
-    plus totals and a count of files per state. With more than `SUMMARY_THRESHOLD` files and
-    without ``all``, ``files`` holds only the `SUMMARY_ROWS` files that matter most (errors,
-    downloads in progress, then the largest partial ones) and ``hidden`` says how many more
-    there are. The totals also describe the whole cache, whatever the paths: ``cache_used``
-    (cached bytes of every file, plus evicted bytes whose disk space is being freed),
-    ``cache_max_size`` (``0``: no cap) and ``evicted_bytes`` (evicted under the cap this
-    session). ``daemon`` holds the daemon's own figures: event-loop stalls, probes, open
-    descriptors, and the free-space reserve with ``paused`` set while background downloads
+    Per file: path, redacted URL, size, cached_bytes, percent, state (``complete``, ``partial``,
+    ``filling`` while a download or a prefetch runs, ``uncached`` when the cache cannot hold it,
+    ``gone at origin`` after a 404/410, ``error`` when the last download failed, with
+    ``error``), validated_at (when the origin last confirmed it, seconds since the epoch),
+    lifetime (seconds it stays fresh after that) and fresh, note (why a file is fetched as it
+    is: the origin ignores Range, or it is served uncached), rate (bytes/s over the last
+    seconds), origin_bytes (this session) and the outcome of the last prefetch; plus totals and
+    a count of files per state, the daemon's ``mountpoint`` (null without a mount), ``listen``
+    (the HTTP server's addresses, empty without one) and ``cache_dir``. With more than
+    `SUMMARY_THRESHOLD` files and without ``all``, ``files`` holds only the `SUMMARY_ROWS` files
+    that matter most (errors, downloads in progress, then the largest partial ones) and
+    ``hidden`` says how many more there are. The totals also describe the whole cache, whatever
+    the paths: ``cache_used`` (cached bytes of every file, plus evicted bytes whose disk space
+    is being freed), ``cache_max_size`` (``0``: no cap) and ``evicted_bytes`` (evicted under the
+    cap this session). ``daemon`` holds the daemon's own figures: event-loop stalls, probes,
+    open descriptors, and the free-space reserve with ``paused`` set while background downloads
     wait for room.
 ``{"cmd": "prefetch", "paths": [...]}``
     Starts downloading the files completely, through the fetcher's single-flight path and
@@ -30,6 +33,9 @@ The protocol is one JSON object per line each way, answered in order on one conn
     Refused when the files together are larger than the cache cap.
 ``{"cmd": "evict", "paths": [...]}``
     Drops the files' cached blocks (refused while one is open or downloading).
+``{"cmd": "stop"}``
+    Begins a clean stop of the daemon, as SIGTERM does (a mount is unmounted), and answers
+    at once with its ``pid``: the client waits for that process to exit.
 ``{"cmd": "reload"}``
     Reads urls.txt again, as SIGHUP does, and answers once the namespace matches it:
     ``added`` (new paths, listed now), ``removed``, ``changed`` (same path, new URL),
@@ -38,8 +44,9 @@ The protocol is one JSON object per line each way, answered in order on one conn
     ``files`` and ``urls`` (the file read). A broken file changes nothing; its error
     (``file:line: reason``) is the answer's ``error``.
 
-A path is relative to the mount root; a directory (``""`` for the root) selects every file
-under it. Files are found by their path in the mount, whatever URL they share with others.
+A path is relative to the mount root (the root of the URL list's paths); a directory (``""`` for
+the root) selects every file under it. Files are found by their path in the mount, whatever URL
+they share with others.
 Every answer is ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
 Answers carry only redacted URLs.
 """
@@ -122,18 +129,20 @@ class PrefetchJob:
 
 
 class ControlServer:
-    """Answers control requests for one mount (runs in the daemon's nursery)."""
+    """Answers control requests for one daemon (runs in the daemon's nursery)."""
 
     def __init__(
         self,
         tree: Tree,
         engine: RemoteCache,
         cache_dir: Path,
-        mountpoint: Path,
+        mountpoint: Path | None,
         invalidate: Callable[[int], None],
         reload: Callable[[], Awaitable[ReloadResult]] | None = None,
         *,
         extras: Callable[[], dict[str, Any]] | None = None,
+        listen: Callable[[], list[str]] | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> None:
         self._tree = tree
         self._engine = engine
@@ -143,6 +152,9 @@ class ControlServer:
         self._invalidate = invalidate
         self._reload = reload
         self._extras = extras
+        self._listen = listen
+        self._stop = stop
+        self._cache_dir = cache_dir
         self._reserve = engine.reserve
         self._revalidator = engine.revalidator
         self._jobs: dict[CachedFile, PrefetchJob] = {}
@@ -250,8 +262,10 @@ class ControlServer:
                 return await self.evict(paths)
             if command == "reload":
                 return await self.reload()
+            if command == "stop":
+                return self.stop()
             raise ControlError(
-                f"unknown command {command!r} (known: status, prefetch, evict, reload)"
+                f"unknown command {command!r} (known: status, prefetch, evict, reload, stop)"
             )
         except ControlError as err:
             return _error(str(err))
@@ -306,7 +320,9 @@ class ControlServer:
             "ok": True,
             "version": PROTOCOL_VERSION,
             "pid": os.getpid(),
-            "mountpoint": str(self._mountpoint),
+            "mountpoint": None if self._mountpoint is None else str(self._mountpoint),
+            "listen": self._listen() if self._listen is not None else [],
+            "cache_dir": str(self._cache_dir),
             "files": rows,
             "hidden": len(selected) - len(rows),
             "totals": {
@@ -450,6 +466,17 @@ class ControlServer:
             return
         job.state = "done"
         log.info("%s: prefetch done (%d bytes cached)", file.name, file.cached_bytes)
+
+    # -- stop ---------------------------------------------------------------------------------
+
+    def stop(self) -> dict[str, Any]:
+        """Begin a clean stop of the daemon (as SIGTERM does); answers at once, with the pid
+        for the client to wait on."""
+        if self._stop is None:
+            raise ControlError("this daemon cannot be stopped through its control socket")
+        log.info("stop requested through the control socket")
+        self._stop()
+        return {"ok": True, "pid": os.getpid()}
 
     # -- reload -------------------------------------------------------------------------------
 

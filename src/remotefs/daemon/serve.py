@@ -1,79 +1,57 @@
-"""The FUSE mount: a door onto the engine (`RemoteCache`), with a namespace of its own.
+"""A daemon: the engine (`RemoteCache`) and its doors, over one namespace of its own.
 
 The engine owns everything about URLs and bytes. The daemon owns the names: the tree of
-paths and inodes built from urls.txt, reloads of that list, the kernel's caches of names and
-pages, the control socket, signals and systemd notification. Order of a mount:
+paths built from urls.txt (`Tree`), reloads of that list, the control socket, signals and
+systemd notification. Its doors show that tree: the FUSE mount (`fuse_door.FuseDoor`, only
+when there is a mountpoint: a serve-only daemon never imports pyfuse3) and the HTTP server
+(`remotefs.serve.app.HttpDoor`, with ``--serve``/``remotefs serve``), either or both, over
+one engine and one cache. Order of a start:
 
-1. take the cache directory's lock (a second daemon on it fails here, before mounting);
+1. take the cache directory's lock (a second daemon on it fails here, before anything else);
 2. ask the engine for the files of every URL (`RemoteCache.list_files`: new URLs probed, known
    ones confirmed for up to ``--revalidate-wait``), and place each at its paths; a URL that
    does not answer yet is placed when the engine says it is `available`;
-3. mount, start serving, and only when the mountpoint answers a stat call `on_ready`
-   (the foreground parent exits / systemd gets READY=1);
-4. on unmount, SIGINT or SIGTERM: stop serving; the engine saves every bitmap and the
-   catalog; unmount; release the lock.
+3. mount and/or listen, and only when the mountpoint answers a stat call and the server an
+   HTTP request, `on_ready` (the foreground parent exits / systemd gets READY=1);
+4. on unmount, SIGINT, SIGTERM or the control socket's ``stop``: stop serving; the engine
+   saves every bitmap and the catalog; unmount; release the lock.
 
-SIGHUP and the control socket's ``reload`` re-read urls.txt (`Daemon.reload`) without a remount.
-When the engine swaps a file for the origin's new version, the daemon gives every path of it
-a new inode (`swap`) and makes the kernel forget the old one (`settle`).
+SIGHUP and the control socket's ``reload`` re-read urls.txt (`Daemon.reload`) without a
+restart. When the engine swaps a file for the origin's new version, the daemon gives every
+path of it a new inode (`swap`), makes the kernel forget the old one (`settle`), and the
+HTTP door ends the responses that serve the old one (its own `swap`).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyfuse3
+import httpx
 import trio
 
 from ..cache.cached_file import CachedFile
 from ..cache.engine import PENDING, Listing, ProgressCallback, RemoteCache
 from ..config.manifest import ManifestEntry, ManifestError, load_manifest
 from ..config.options import MountOptions
-from ..fuse.ops import RemoteFsOperations
 from ..fuse.tree import FileNode, Removed, Tree
+from ..serve.listen import HttpSettings
 from .control import ControlServer
 from .loop_monitor import LoopMonitor
 from .notify import notify_enabled, sd_notify
 
+if TYPE_CHECKING:
+    from ..serve.app import HttpDoor
+    from .fuse_door import FuseDoor
+
 log = logging.getLogger(__name__)
 
-
-def fuse_options(options: MountOptions, fsname: str = "remotefs") -> set[str]:
-    """libfuse mount options: read-only, named, and with the kernel's permission checks.
-
-    *fsname* is the mount's source in the mount table: the URL list's path, as an fstab line
-    names it, so ``mount -a`` sees the line is mounted already. pyfuse3 passes options as
-    ASCII and libfuse splits them at commas: other names fall back to ``remotefs``.
-    """
-    if not fsname.isascii() or not fsname.isprintable():
-        fsname = "remotefs"
-    escaped = fsname.replace("\\", "\\\\").replace(",", "\\,")
-    opts = set(pyfuse3.default_options)
-    opts |= {f"fsname={escaped}", "subtype=remotefs", "ro", "noatime"}
-    if options.allow_other:
-        opts.add("allow_other")
-    return opts
-
-
-def set_kernel_readahead(device: int, size: int) -> None:
-    """Let the kernel send reads of up to *size* bytes (its FUSE default is 128 KiB).
-
-    The kernel's readahead window for this mount is a sysfs knob of its backing device; only
-    root may raise it. With 1 MiB, a sequential reader costs a quarter as many FUSE requests
-    and round trips through this process. Failure is harmless: reads just stay smaller.
-    """
-    knob = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
-    try:
-        knob.write_text(f"{size // 1024}\n")
-    except OSError as err:
-        log.debug("kernel readahead left at its default (%s: %s)", knob, err.strerror)
+#: How long the daemon waits for its own HTTP server to answer before it says it is ready.
+HTTP_READY_TIMEOUT = 10.0
 
 
 #: How often files removed by a reload are checked for their last handle (then closed).
@@ -113,20 +91,25 @@ def names_of(entries: Sequence[ManifestEntry]) -> dict[str, str]:
 
 
 class Daemon:
-    """One mount's lifetime; `run` returns after a clean unmount with all state saved."""
+    """One daemon's lifetime; `run` returns after a clean stop with all state saved.
+
+    *mountpoint* None: no FUSE mount (a serve-only daemon); *http* None: no HTTP server.
+    """
 
     def __init__(
         self,
         options: MountOptions,
         entries: Sequence[ManifestEntry],
-        mountpoint: Path,
+        mountpoint: Path | None,
         fsname: str = "remotefs",
         urls_file: Path | None = None,
+        http: HttpSettings | None = None,
     ) -> None:
         self.options = options
         self.entries = entries
         self.mountpoint = mountpoint
         self.fsname = fsname
+        self.http = http
         #: The URL list `reload` reads again (absolute: the background daemon changes cwd).
         self.urls_file = urls_file
         self.engine = RemoteCache(options, {entry.url: entry.headers for entry in entries})
@@ -141,59 +124,127 @@ class Daemon:
         #: Background confirmation of unchanged lines after a reload (a new reload cancels).
         self._revalidation: trio.CancelScope | None = None
         self._stopping_sent = False
-        self._ops: RemoteFsOperations | None = None
+        self._fuse: FuseDoor | None = None
+        self._http: HttpDoor | None = None
+        #: Set to stop a daemon without a mount (a mount stops when `FuseDoor.main` returns).
+        self._stop = trio.Event()
         self.loop_monitor = LoopMonitor()
 
     @property
     def store(self) -> Any:
         return self.engine.store
 
+    @property
+    def addresses(self) -> list[str]:
+        """Where the HTTP server listens (``http://127.0.0.1:8080``); empty without one."""
+        return list(self._http.addresses) if self._http is not None else []
+
     def open_cache(self) -> None:
         """Take the cache lock (raises `CacheDirError`); done before forking the parent away."""
         self.engine.open_store()
 
     async def run(
-        self, on_ready: Callable[[], None], on_progress: ProgressCallback | None = None
+        self, on_ready: Callable[[str], None], on_progress: ProgressCallback | None = None
     ) -> None:
-        """Probe, mount, serve until unmounted or signalled, then save and unmount."""
-        mounted = False
+        """Probe, mount and/or listen, serve until stopped, then save and unmount.
+
+        *on_ready* hears a line for the user once every door answers: where the HTTP server
+        listens, or "" for a mount alone.
+        """
+        fuse: FuseDoor | None = None
         try:
             async with self.engine as engine, trio.open_nursery() as nursery:
                 engine.add_door(self)
                 await self._build_tree(on_progress)
                 if engine.budget is not None:
                     await engine.budget.trim()  # the cap may have been lowered since
-                ops = RemoteFsOperations(self.tree, engine, self.options.block_size)
-                self._ops = ops
                 control = ControlServer(
                     self.tree,
                     engine,
                     self.options.cache_dir,
                     self.mountpoint,
-                    invalidate_inode,
+                    self._invalidate,
                     self.reload if self.urls_file is not None else None,
                     extras=self.statistics,
+                    listen=lambda: self.addresses,
+                    stop=self.stop,
                 )
-                ops.control_path = await nursery.start(control.serve)
-                pyfuse3.init(ops, str(self.mountpoint), fuse_options(self.options, self.fsname))
-                mounted = True
+                control_path = await nursery.start(control.serve)
+                if self.http is not None:
+                    await self._listen(nursery, control)
+                if self.mountpoint is not None:
+                    from .fuse_door import FuseDoor  # pyfuse3: only where a mount happens
+
+                    fuse = FuseDoor(self.tree, engine, self.options, self.mountpoint, self.fsname)
+                    fuse.mount(control_path)
+                    self._fuse = fuse
                 nursery.start_soon(self._watch_signals)
-                # Started (SIGHUP caught) before anyone hears the mount is ready.
+                # Started (SIGHUP caught) before anyone hears the daemon is ready.
                 await nursery.start(self._watch_reload_signal)
                 nursery.start_soon(self._reap_unlinked_loop)
                 nursery.start_soon(self._announce_ready, on_ready)
-                await pyfuse3.main()
-                self._notify_stopping("unmounted; saving state")
-                log.info("unmounted; saving state")
+                if fuse is not None:
+                    await fuse.main()
+                    self._notify_stopping("unmounted; saving state")
+                    log.info("unmounted; saving state")
+                else:
+                    await self._stop.wait()
+                    log.info("stopping; saving state")
                 nursery.cancel_scope.cancel()
         finally:
-            if mounted:
-                pyfuse3.close(unmount=True)
+            if fuse is not None:
+                fuse.close()
             self._notify_stopping("stopped")
+
+    def stop(self, why: str = "asked to stop") -> None:
+        """Begin a clean stop (a signal, or the control socket's ``stop``)."""
+        self._notify_stopping(f"{why}; saving state")
+        if self._fuse is not None and self._fuse.mounted:
+            self._fuse.terminate()  # `main` returns: the same path as an unmount
+        self._stop.set()
+
+    async def _listen(self, nursery: trio.Nursery, control: ControlServer) -> None:
+        """Start the HTTP door: bind (a failure is one line), then serve in *nursery*."""
+        from ..serve import server  # hypercorn: only where a daemon serves HTTP
+        from ..serve.app import HttpDoor
+
+        settings = self.http
+        assert settings is not None
+        try:
+            sockets = server.bind(settings.listen)
+        except OSError as err:
+            raise OSError(
+                err.errno, err.strerror or str(err), f"cannot listen on {settings.listen}"
+            ) from None
+        connections = server.Connections()
+        door = HttpDoor(
+            self.tree,
+            self.engine,
+            token=settings.token,
+            status=lambda every: control.status(every=every),
+            pending=lambda path: path in self._missing,
+            cut=connections.cut,
+        )
+        door.addresses = server.addresses(sockets)
+        self.engine.add_door(door)
+        self._http = door
+        await nursery.start(
+            server.serve, door, sockets, settings.listen, settings.limits, connections
+        )
 
     def statistics(self) -> dict[str, Any]:
         """Figures of the daemon's parts for `remotefs status --json` (no I/O, no await)."""
-        return {"loop": asdict(self.loop_monitor.statistics()), **self.engine.statistics()}
+        figures = {"loop": asdict(self.loop_monitor.statistics()), **self.engine.statistics()}
+        if self._http is not None:
+            figures["http"] = {"listen": self.addresses, **asdict(self._http.stats)}
+        return figures
+
+    def _invalidate(self, inode: int) -> None:
+        """The kernel forgets an inode's pages (an eviction); nothing to do without a mount."""
+        if self._fuse is not None:
+            from .fuse_door import invalidate_inode
+
+            invalidate_inode(inode)
 
     # -- building the tree ---------------------------------------------------------------------
 
@@ -257,11 +308,12 @@ class Daemon:
         """The kernel forgets the entries and the pages of *old*'s inodes: their handles get
         EIO from now on, and lookups reach the new inodes."""
         gone = self._swapped.pop(old, [])
-        await trio.to_thread.run_sync(forget_entries, gone)
+        if self._fuse is None:
+            return
+        await self._fuse.forget(gone)
         inodes = [inode for _, _, inode in gone]
         inodes += [node.inode for node in self.tree.nodes_of(old)]  # retired in place
-        for inode in inodes:
-            await trio.to_thread.run_sync(invalidate_inode, inode)
+        await self._fuse.invalidate(inodes)
 
     # -- reloading urls.txt -------------------------------------------------------------------
 
@@ -300,7 +352,8 @@ class Daemon:
                 self._revalidation.cancel()
             self._revalidation = trio.CancelScope()
             engine.revalidate_all(unchanged, self._revalidation)
-            await trio.to_thread.run_sync(forget_entries, gone)
+            if self._fuse is not None:
+                await self._fuse.forget(gone)
             return summary
 
     def _apply(
@@ -391,21 +444,43 @@ class Daemon:
                 except Exception:
                     log.exception("reload failed; the mount goes on as it was")
 
-    async def _announce_ready(self, on_ready: Callable[[], None]) -> None:
-        """Call *on_ready* once the kernel routes a stat of the mountpoint to us."""
-        info = await trio.to_thread.run_sync(os.stat, self.mountpoint)
-        set_kernel_readahead(info.st_dev, self.options.kernel_readahead)
+    async def _announce_ready(self, on_ready: Callable[[str], None]) -> None:
+        """Call *on_ready* once every door answers: the kernel routes a stat of the
+        mountpoint to us, and the HTTP server answers a request."""
         files, _ = self.tree.counts()
-        log.info("mounted %s (%d files)", self.mountpoint, files)
+        said = ""
+        if self._fuse is not None:
+            await self._fuse.wait_answering()
+            log.info("mounted %s (%d files)", self.mountpoint, files)
+        if self._http is not None:
+            await self._http_answers()
+            addresses = " and ".join(self.addresses)
+            log.info("serving %s (%d files)", addresses, files)
+            status = f"{self.addresses[0]}/_remotefs/status"
+            said = (
+                f"serving {addresses} ({files} file{'' if files == 1 else 's'}; status: {status})"
+            )
         sd_notify(f"READY=1\nSTATUS={self.status_line()}")
-        on_ready()
-        # From now on every stall is felt by readers (before, the mount was not up).
+        on_ready(said)
+        # From now on every stall is felt by readers (before, nothing was served).
         self.engine.spawn(self.loop_monitor.run)
         if notify_enabled():
             while True:
                 await trio.sleep(self.options.status_interval)
                 if not self._stopping_sent:
                     sd_notify(f"STATUS={self.status_line()}")
+
+    async def _http_answers(self) -> None:
+        """Wait until the HTTP server answers a request of its own health page."""
+        assert self._http is not None and self.http is not None
+        headers = {"Authorization": f"Bearer {self.http.token}"} if self.http.token else {}
+        address = self.addresses[0]
+        # A wildcard address is reached through loopback.
+        address = address.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+        async with httpx.AsyncClient(trust_env=False, timeout=HTTP_READY_TIMEOUT) as client:
+            answer = await client.get(f"{address}/_remotefs/health", headers=headers)
+        if answer.status_code != 200:
+            raise RuntimeError(f"the HTTP server answers its own request with {answer.status_code}")
 
     def status_line(self) -> str:
         """One line of progress for ``systemctl status``; cheap (no I/O, no await)."""
@@ -429,9 +504,12 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                log.info("got %s; unmounting", name)
-                self._notify_stopping(f"got {name}; saving state and unmounting")
-                pyfuse3.terminate()
+                if self._fuse is not None:
+                    log.info("got %s; unmounting", name)
+                    self._notify_stopping(f"got {name}; saving state and unmounting")
+                else:
+                    log.info("got %s; stopping", name)
+                self.stop(f"got {name}")
                 return
 
 
@@ -445,29 +523,3 @@ def human_size(size: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
-
-
-def invalidate_inode(inode: int) -> None:
-    """Ask the kernel to forget an inode's cached data and attributes (runs in a thread)."""
-    try:
-        pyfuse3.invalidate_inode(pyfuse3.InodeT(inode), attr_only=False)
-    except OSError as err:
-        if err.errno != errno.ENOENT:  # the kernel had nothing cached for it
-            log.warning("could not invalidate inode %d: %s", inode, err)
-
-
-def forget_entries(entries: Sequence[Removed]) -> None:
-    """Make the kernel drop directory entries that a reload removed (runs in a thread).
-
-    `pyfuse3.invalidate_entry` may block until requests on those entries are answered, so it
-    must not run on the trio thread. Entries come deepest first: the kernel refuses to delete
-    a directory entry while it still caches children under it.
-    """
-    for parent, name, inode in entries:
-        try:
-            pyfuse3.invalidate_entry(
-                pyfuse3.InodeT(parent), pyfuse3.FileNameT(os.fsencode(name)), pyfuse3.InodeT(inode)
-            )
-        except OSError as err:
-            if err.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
-                log.warning("could not invalidate %r in directory inode %d: %s", name, parent, err)

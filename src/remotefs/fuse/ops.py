@@ -23,16 +23,14 @@ from ..cache.cached_file import CachedFile
 from ..cache.engine import Handle, RemoteCache
 from ..cache.fetcher import ReadError
 from ..redact import redact_url
-from .tree import DirNode, FileNode, Node, Tree
+from .tree import ROOT_INODE, DirNode, FileNode, Node, Tree
+from .xattr_names import CONTROL_XATTR, PID_XATTR
 
 log = logging.getLogger(__name__)
 
 # The namespace only changes when the daemon itself changes it, so the kernel may trust what
 # it was told for a long time; warm lookups then never reach this process.
 ATTR_TIMEOUT = 3600.0
-PID_XATTR = b"user.remotefs.pid"
-#: On the root: the path of the daemon's control socket (`remotefs status` finds it here).
-CONTROL_XATTR = b"user.remotefs.control"
 #: On every file: the live view of its cache (the kernel caches attributes, not xattrs).
 URL_XATTR = b"user.remotefs.url"
 CACHED_BYTES_XATTR = b"user.remotefs.cached_bytes"
@@ -300,7 +298,7 @@ class RemoteFsOperations(pyfuse3.Operations):
                     cached, self._revalidator.lifetime_of(cached)
                 ).encode()
             return values
-        if node.inode == pyfuse3.ROOT_INODE:
+        if node.inode == ROOT_INODE:
             values = {PID_XATTR: str(os.getpid()).encode()}
             if self.control_path is not None:
                 values[CONTROL_XATTR] = os.fsencode(self.control_path)

@@ -1,4 +1,5 @@
-"""The namespace of the mount: directories and files built from urls.txt paths.
+"""The namespace of a daemon: directories and files built from urls.txt paths, shared by its
+FUSE mount and its HTTP server.
 
 Inode numbers are assigned once per mount, in manifest order, and never reused, so the kernel's
 entry and attribute caches can keep them for a long time. A reload of urls.txt unlinks files
@@ -16,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
-import pyfuse3
-
 from ..cache.cached_file import CachedFile
+
+#: The root directory's inode: FUSE's own (``FUSE_ROOT_ID``, ROOT_INODE). Defined here
+#: so that the tree, which the HTTP server shares, needs no pyfuse3 (a serve-only daemon runs
+#: without libfuse).
+ROOT_INODE = 1
 
 
 @dataclass(eq=False, slots=True)
@@ -51,8 +55,8 @@ class Tree:
     """Maps inodes to nodes and paths to inodes."""
 
     def __init__(self) -> None:
-        self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: DirNode(pyfuse3.ROOT_INODE)}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self.nodes: dict[int, Node] = {ROOT_INODE: DirNode(ROOT_INODE)}
+        self._next_inode = ROOT_INODE + 1
         #: Files removed from the namespace whose cache entry may still be read through open
         #: handles; the daemon drops them once nothing uses them.
         self.unlinked: dict[int, FileNode] = {}
@@ -62,7 +66,7 @@ class Tree:
 
     def add_file(self, path: tuple[str, ...], cached: CachedFile) -> FileNode:
         """Add a file, creating its parent directories (the manifest parser checked clashes)."""
-        directory = self.nodes[pyfuse3.ROOT_INODE]
+        directory = self.nodes[ROOT_INODE]
         for name in path[:-1]:
             assert isinstance(directory, DirNode)
             child = directory.children.get(name)
@@ -102,7 +106,7 @@ class Tree:
 
     def find(self, path: tuple[str, ...]) -> Node | None:
         """The node at *path* (segments under the root), or None."""
-        node: Node | None = self.nodes[pyfuse3.ROOT_INODE]
+        node: Node | None = self.nodes[ROOT_INODE]
         for name in path:
             if not isinstance(node, DirNode):
                 return None
@@ -114,7 +118,7 @@ class Tree:
         """The path of *node* under the mount root, ``a/b/c`` ("" for the root)."""
         parts: list[str] = []
         current: Node | None = node
-        while current is not None and current.inode != pyfuse3.ROOT_INODE:
+        while current is not None and current.inode != ROOT_INODE:
             parts.append(current.name)
             current = self.nodes.get(current.parent)
         return "/".join(reversed(parts))
@@ -183,7 +187,7 @@ class Tree:
                         del self.nodes[inode]
                         removed.append((directory.inode, name, inode))
 
-        root = self.nodes[pyfuse3.ROOT_INODE]
+        root = self.nodes[ROOT_INODE]
         assert isinstance(root, DirNode)
         visit(root, ())
         return removed
