@@ -217,6 +217,9 @@ main() {
         # attr: getfattr in the README's quick start. dpkg-dev: dpkg-shlibdeps for the .deb's
         # Depends. debootstrap: the fresh-machine test's Debian trees.
         packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl attr dpkg-dev debootstrap)
+        # The format hints' tests make images with the real tools: mksquashfs/unsquashfs,
+        # xorriso, genisoimage/isoinfo, zip, and sfdisk (package fdisk) for partitioned disks.
+        packages+=(squashfs-tools xorriso genisoimage zip fdisk)
     fi
     if ! choose_python; then
         echo "setup: $choose_error" >&2
