@@ -69,6 +69,9 @@ _FIRST_CLUSTER_RULES = (
     (TIGHT_CLUSTER_MISSES, TIGHT_CLUSTER_SPAN_MAX, TIGHT_CLUSTER_SPAN_SHARE),
 )
 _NEXT_CLUSTER_RULES = ((CLUSTER_MISSES_AGAIN, CLUSTER_SPAN_MAX, CLUSTER_SPAN_SHARE),)
+#: A run that starts a file inside a mapped image reads ahead this many of its reads at
+#: first (its reads are the kernel's own readahead requests, which grow with the reader's).
+PROVEN_WINDOW_FACTOR = 4
 #: An index at a file's end grows with the file (a zip's central directory has one entry per
 #: member): the open-time tail hint grows to this share of the file, up to twice its
 #: configured size, so that a big archive's index still arrives in one round trip.
@@ -103,6 +106,8 @@ class _Run:
     prefetched_until: int = 0
     #: True once the handle has seeked: its current run is not its first.
     seeked: bool = False
+    #: True when the run began where a file inside an image begins (the caller's map).
+    proven: bool = False
 
     def takes(self, offset: int, end: int) -> bool:
         """True when a read of ``[offset, end)`` continues this run (within the tolerances)."""
@@ -207,7 +212,15 @@ class ReadStream(_Run):
         return None
 
     def advance(
-        self, offset: int, end: int, *, first_window: int, initial: int, maximum: int
+        self,
+        offset: int,
+        end: int,
+        *,
+        first_window: int,
+        initial: int,
+        maximum: int,
+        proven: bool = False,
+        limit: int | None = None,
     ) -> tuple[int, int] | None:
         """Account for a read of ``[offset, end)``; return a byte range to prefetch, or None.
 
@@ -217,23 +230,34 @@ class ReadStream(_Run):
         spans, starts a window of *initial* bytes (or of one read, if reads are larger: a
         smaller window would not reach past the next read) that doubles on every read up to
         *maximum*. A seek resets it all, unless the read resumes the parked run.
+
+        A *proven* read starts a file that an image's metadata maps: its run reads ahead at
+        once, from its first read on, since what lies ahead is the rest of the file being
+        read, and its first window is `PROVEN_WINDOW_FACTOR` reads (the kernel's own
+        readahead asks for more at once of a reader that reads more at once). Nothing is
+        read ahead past *limit* (the end of that file). Both apply only once the handle
+        has seeked: a handle that reads the image from its start reads the image.
         """
         self.jumped = self.furthest < 0
         previous_end, self.last_end = self.last_end, end
         if self.furthest < 0:
             self.furthest = end
             self.run = self.read_bytes = end - offset
+            self.proven = proven
             if offset == 0 and first_window:
                 self.prefetched_until = end + first_window
                 return end, end + first_window
-            return None
-        if self.takes(offset, end):
+            if not proven:
+                return None
+        elif self.takes(offset, end):
             # Before any readahead, a read that does not continue the last one is a jump
             # too: a filesystem's metadata blocks, close together but in no order.
             self.jumped = not self.window and offset != previous_end
+            self._extend(offset, end, proven)
         elif self.parked is not None and self.parked.takes(offset, end):
             self._swap_parked()
             self.jumped = False
+            self._extend(offset, end, proven)
         else:
             if self.window:
                 self.parked = self._current_run()
@@ -241,14 +265,26 @@ class ReadStream(_Run):
             self.run = self.read_bytes = end - offset
             self.window = self.prefetched_until = 0
             self.jumped = self.seeked = True
-            return None
-        self.run += max(0, end - self.furthest)
-        self.read_bytes += end - offset
-        self.furthest = max(self.furthest, end)
-        if self.read_bytes < SEQUENTIAL_THRESHOLD or 2 * self.read_bytes < self.run:
+            self.proven = proven
+            if not proven:
+                return None
+        if not self.seeked:
+            # A handle's first run (sha256sum of the whole image, cp) reads the file, not the
+            # files inside it: no file's end bounds it.
+            self.proven, limit = False, None
+        proven = self.proven
+        if not proven and (
+            self.read_bytes < SEQUENTIAL_THRESHOLD or 2 * self.read_bytes < self.run
+        ):
             return None  # not yet a stream, or a sparse one (small reads far apart)
-        self.window = min(max(self.window * 2, initial, end - offset), maximum)
-        if self.clustered:
+        if proven:
+            first = PROVEN_WINDOW_FACTOR * (end - offset)
+            self.window = min(max(self.window * 2, initial, first), maximum)
+        else:
+            self.window = min(max(self.window * 2, initial, end - offset), maximum)
+        if proven:
+            pass  # the end of the file being read bounds it (*limit*)
+        elif self.clustered:
             # A handle working in parts of its file (a filesystem image) reads runs that end
             # without warning (files inside the image): `CLUSTERED_WINDOW_MAX` bounds what an
             # ending run wastes. Its runs begin in parts already fetched, so they need not
@@ -261,13 +297,24 @@ class ReadStream(_Run):
             # file: full doubling.
             self.window = min(self.window, max(initial, self.run))
         target = self.furthest + self.window
+        if limit is not None:
+            target = min(target, limit)
         start = max(self.furthest, self.prefetched_until)
         # Top the window up only when half of it has been consumed: one scheduling pass per
         # half window instead of one per read.
-        if target - start < self.window // 2:
+        if target - start < self.window // 2 and target != limit:
+            return None
+        if target <= start:
             return None
         self.prefetched_until = target
         return start, target
+
+    def _extend(self, offset: int, end: int, proven: bool) -> None:
+        """Count a read that continues the current run (*proven*: it starts a mapped file)."""
+        self.proven = self.proven or proven
+        self.run += max(0, end - self.furthest)
+        self.read_bytes += end - offset
+        self.furthest = max(self.furthest, end)
 
     def _current_run(self) -> _Run:
         return _Run(**{name: getattr(self, name) for name in _RUN_FIELDS})

@@ -21,7 +21,8 @@ import pyfuse3
 
 from ..cache.cached_file import CachedFile
 from ..cache.fetcher import BlockFetcher, ReadError
-from ..cache.readahead import ReadStream, tail_hint
+from ..cache.readahead import ReadStream
+from ..formats.hints import OpenHints
 from ..redact import redact_url
 from .tree import DirNode, FileNode, Node, Tree
 
@@ -92,7 +93,8 @@ class RemoteFsOperations(pyfuse3.Operations):
         prefetch_sizes: tuple[int, int] = (0, 0),
     ) -> None:
         super().__init__()
-        self._prefetch_sizes = prefetch_sizes  # (tail, head) bytes fetched on open
+        tail, head = prefetch_sizes  # bytes fetched on open
+        self._hints = OpenHints(fetcher, tail=tail, head=head)
         self._tree = tree
         self._fetcher = fetcher
         self._block_size = block_size
@@ -204,21 +206,20 @@ class RemoteFsOperations(pyfuse3.Operations):
         handle = self._next_handle
         self._next_handle += 1
         self._handles[handle] = (node.cached, ReadStream())
-        self._prefetch_head_and_tail(node.cached)
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
         # without the daemon noticing, and then the new version gets a new inode.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
+        info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
+        info.direct_io = self._open_hints(node.cached, ctx)
+        return info
 
-    def _prefetch_head_and_tail(self, cached: CachedFile) -> None:
-        """Open-time hint: most formats keep their index at one end (zip, ISO, MP4, ext4)."""
-        tail, head = self._prefetch_sizes
-        if cached.retired or not cached.size or cached.complete:
-            return
-        tail = tail_hint(tail, cached.size)
-        if tail:
-            self._fetcher.prefetch(cached, cached.size - tail, cached.size, split=False)
-        if head:
-            self._fetcher.prefetch(cached, 0, head, split=False)
+    def _open_hints(self, cached: CachedFile, ctx: pyfuse3.RequestContext) -> bool:
+        """Open-time hints: the head, the tail or loop probes, and the format's metadata.
+
+        `remotefs.formats.hints` decides and fetches in the background; True means the
+        opener sets up a loop device, whose requests should reach the daemon as they are
+        (``direct_io``: no page cache readahead on the backing file).
+        """
+        return self._hints.opened(cached, ctx.pid)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         entry = self._handles.get(fh)
