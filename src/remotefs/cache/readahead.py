@@ -41,27 +41,33 @@ SEQUENTIAL_THRESHOLD = 1 * MiB
 
 
 #: A handle whose last this-many misses all fall in one small part of its file is working in
-#: that part (a filesystem image's metadata and files, a database's hot pages): the part is
-#: fetched in the background. Five, because uniform random misses over a large file almost
-#: never cluster like that (about 5 in a million per miss for 1/32 of the file).
+#: that part (the metadata of a filesystem image remotefs has no parser for, a database's
+#: hot pages): the part is fetched in the background. Five, because uniform random misses
+#: over a large file almost never cluster like that (for 2 MiB of a 1 GiB file, about one
+#: chance in 10^9 per miss).
+#:
+#: Parts are small: a filesystem keeps the metadata of one group of files close together
+#: (XFS's inode chunks and directory blocks within a few hundred KiB of each allocation
+#: group's start, ext4's inode tables and directories in its first block groups). A larger
+#: part would fetch the files beside the metadata, which nobody may read; formats remotefs
+#: knows get their metadata from their own tables instead (`remotefs.formats`), and never
+#: cluster.
 CLUSTER_MISSES = 5
-#: Fewer misses in a smaller part are as telling: four within 8 MiB and 1/64 of the file
-#: (uniform random misses: about 2 in a million per miss for 1/128). A filesystem's mount
-#: reads its first block group's bitmaps and inode table like that, one round trip each.
+#: Fewer misses in a smaller part are as telling: four within 512 KiB and 1/256 of the file.
 TIGHT_CLUSTER_MISSES = 4
-TIGHT_CLUSTER_SPAN_MAX = 8 * MiB
-TIGHT_CLUSTER_SPAN_SHARE = 64
+TIGHT_CLUSTER_SPAN_MAX = 512 * 1024
+TIGHT_CLUSTER_SPAN_SHARE = 256
 #: A handle that has clustered once works in parts of its file (a filesystem image moving
-#: on to another block group): fewer misses are enough to show its next part.
+#: on to another group): fewer misses are enough to show its next part.
 CLUSTER_MISSES_AGAIN = 3
 #: The largest readahead window of a handle whose misses have clustered, and its largest
 #: share of the file. It is reached by doubling, without the run-length cap of other runs
 #: after a seek, so these bound what a run that ends (a file inside an image) over-fetches.
-CLUSTERED_WINDOW_MAX = 8 * MiB
+CLUSTERED_WINDOW_MAX = 1 * MiB
 CLUSTERED_WINDOW_SHARE = 128
 #: The largest part fetched for a cluster, and its largest share of the file.
-CLUSTER_SPAN_MAX = 32 * MiB
-CLUSTER_SPAN_SHARE = 8
+CLUSTER_SPAN_MAX = 2 * MiB
+CLUSTER_SPAN_SHARE = 64
 #: ``(misses, largest span, N)`` that make a cluster, the span also at most 1/N of the file:
 #: before a handle's first cluster, and after it.
 _FIRST_CLUSTER_RULES = (
