@@ -31,6 +31,7 @@ from remotefs.formats.layout import Extents, Layout
 from remotefs.http.source import HttpSource
 
 from .conftest import make_options, write_random
+from .faults import FaultyOrigin
 from .image_analysis import require_image_tools
 from .origin import Origin
 
@@ -303,3 +304,21 @@ def test_probe_ranges_stay_inside_small_files() -> None:
     big = probe_ranges(8 * 1024 * MiB)
     assert big[0] == (0, 516 * KiB) and big[-1] == (8 * 1024 * MiB - 512 * KiB, 8 * 1024 * MiB)
     assert all(end - start <= 516 * KiB for start, end in big)
+
+
+def test_an_origin_that_stops_honouring_range_mid_way_is_read_as_one_stream(
+    tmp_path: Path, origin_root: Path
+) -> None:
+    """A piece request answered with the whole body: the readers get the right bytes."""
+    data = write_random(origin_root / "img.bin", MiB)
+    with FaultyOrigin(origin_root) as faulty:
+
+        async def body(stack: Stack) -> None:
+            stack.fetcher.set_layout(stack.cached, Layout("test", pending=True))
+            faulty.ignore_range = True
+            with trio.fail_after(20):
+                got = await stack.fetcher.read(stack.cached, 70 * KiB, 4 * KiB)
+            assert got == data[70 * KiB : 74 * KiB]
+            assert not stack.cached.remote.accepts_ranges
+
+        run_stack(tmp_path, faulty, "img.bin", body)

@@ -789,6 +789,13 @@ class BlockFetcher:
             if not file.retired:
                 self.pieces.add(file, fetch.start, b"".join(chunks))
                 self._store_whole_blocks(file)
+        except RangeNotSupportedError:
+            # Not an error for the readers: they fetch the file as one stream from now on.
+            if file.remote.accepts_ranges:
+                log.warning(
+                    "%s: the server ignores Range; fetching the file as one stream", file.name
+                )
+                file.disable_ranges()
         except HttpSourceError as err:
             fetch.error = err
             log.error("%s: download failed: %s", file.name, err)
