@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
 from remotefs.cache.readahead import (
+    ACROSS_FILES,
     CLUSTER_MISSES,
     CLUSTER_MISSES_AGAIN,
     CLUSTER_SPAN_MAX,
@@ -275,3 +277,76 @@ def test_a_miss_just_past_a_fetched_part_fetches_the_next_part_over() -> None:
     assert read_missing(upward, last + width // 2, 4 * KiB, GiB) == (last, last + width)
     assert read_missing(downward, first - width // 2, 4 * KiB, GiB) == (first - width, first)
     assert read_missing(upward, 900 * MiB, 4 * KiB, GiB) is None  # far away: no neighbour
+
+
+# -- files of a mapped image -------------------------------------------------------------------
+
+
+def starts(offsets: list[int], size: int = 100 * KiB) -> Callable[[int, int], int]:
+    """A count of the files that start (or lie) in a span, for files at *offsets*."""
+
+    def count(start: int, end: int) -> int:
+        return sum(1 for offset in offsets if offset < end and offset + size > start)
+
+    return count
+
+
+def test_a_reader_of_every_file_of_a_directory_gets_their_data_at_once() -> None:
+    """``find | xargs cat``: name order is not disk order, but every file is read."""
+    files = [64 * MiB + index * 100 * KiB for index in range(20)]
+    order = [files[index] for index in (7, 2, 13, 0, 18, 5)]
+    stream = ReadStream()
+    results = [
+        stream.note_miss(offset, offset + 4 * KiB, GiB, files=starts(files)) for offset in order
+    ]
+    assert results[:3] == [None] * 3
+    part = next(result for result in results if result is not None)
+    assert part[0] <= files[2] and part[1] >= files[13] + 4 * KiB
+
+
+def test_a_few_files_picked_among_many_nearby_are_not_a_cluster() -> None:
+    """``cat`` of a few files of a big directory: they lie close, but most are not read."""
+    files = [64 * MiB + index * 20 * KiB for index in range(200)]  # 4 MiB of small files
+    order = [files[index] for index in (3, 40, 77, 120, 160, 199)]
+    stream = ReadStream()
+    assert all(
+        stream.note_miss(offset, offset + 4 * KiB, GiB, files=starts(files, 20 * KiB)) is None
+        for offset in order
+    )
+
+
+def test_a_part_of_files_is_followed_by_wider_parts_while_the_reader_goes_on() -> None:
+    files = [64 * MiB + index * 100 * KiB for index in range(400)]
+    stream = ReadStream()
+    for offset in files[:5]:
+        part = stream.note_miss(offset, offset + 4 * KiB, GiB, files=starts(files))
+    assert part is not None
+    width = part[1] - part[0]
+    beyond = stream.note_miss(part[1] + KiB, part[1] + 5 * KiB, GiB, files=starts(files))
+    assert beyond == (part[1], part[1] + 2 * width)
+
+
+def test_a_run_through_files_in_a_row_reads_ahead_across_them() -> None:
+    """Four files one right after the other: the window is no longer cut at each file's end."""
+    stream = ReadStream()
+    advance(stream, 900 * MiB, 4 * KiB)  # the handle has seeked before (a loop device has)
+    size = 64 * KiB
+    windows = []
+    for index in range(6):
+        start = 100 * MiB + index * size
+        result = stream.advance(
+            start,
+            start + size,
+            first_window=MiB,
+            initial=INITIAL,
+            maximum=MAXIMUM,
+            proven=True,
+            limit=start + size,
+        )
+        windows.append(result)
+        assert stream.reads_across == (index + 1 >= ACROSS_FILES)
+    # Cut at the file's end while the files are few; past it once four were read in a row.
+    assert all(w is None or w[1] <= 100 * MiB + (i + 1) * size for i, w in enumerate(windows[:3]))
+    last = windows[-1]
+    assert last is not None and last[1] > 100 * MiB + 6 * size
+    assert last[1] - (100 * MiB + 6 * size) <= stream.run  # never further ahead than read

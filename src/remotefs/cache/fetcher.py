@@ -261,6 +261,12 @@ class FileMap(Protocol):
     def extent_at(self, offset: int) -> tuple[int, int] | None:
         """``(start, end)`` of the data extent (a file's bytes) holding byte *offset*."""
 
+    def extents_within(self, start: int, end: int, gap: int = 0) -> list[tuple[int, int]]:
+        """The files' data in ``[start, end)``; parts less than *gap* apart joined."""
+
+    def count_extents(self, start: int, end: int) -> int:
+        """How many data extents start or lie in ``[start, end)``."""
+
     def in_metadata(self, offset: int) -> bool:
         """True when byte *offset* lies in the format's metadata."""
 
@@ -364,13 +370,13 @@ class BlockFetcher:
         layout = self._maps.get(file) if self._maps else None
         extent = None if layout is None else layout.extent_at(offset)
         # The map is for readers of the files inside the image (a loop device, a tool that
-        # walks it); a handle still in its first run (sha256sum, cp) is a plain stream.
+        # walks it); a handle still in a first run that began at offset 0 (sha256sum, cp)
+        # reads the image itself: a plain stream.
         if (
             layout is not None
             and not layout.pending
             and stream is not None
-            and not stream.seeked
-            and (stream.furthest < 0 or stream.takes(offset, end))
+            and stream.from_start(offset, end)
         ):
             layout = extent = None
         if stream is not None and offset < end and file.cacheable:
@@ -383,6 +389,11 @@ class BlockFetcher:
                 proven=extent is not None and offset <= extent[0] < end,
                 limit=None if extent is None else extent[1],
             )
+            if wanted is not None and layout is not None and stream.reads_across:
+                # A reader going from file to file: read ahead over the next files' data.
+                for start, stop in layout.extents_within(*wanted, gap=file.block_size):
+                    self.fetch_exact(file, start, stop)
+                wanted = None
             if wanted is not None and layout is not None:
                 wanted = _mapped_readahead(layout, offset, extent, wanted)
             if wanted is not None and extent is None:
@@ -402,10 +413,17 @@ class BlockFetcher:
                 grow = min(extent[1], offset + self._options.min_request)
             # The read's own bytes first, then its file's readahead: what the read waits
             # for is asked for before what it may need next.
-            if self._assemble(file, offset, end) is None:
+            missed = self._assemble(file, offset, end) is None
+            if missed:
                 self.fetch_exact(file, offset, max(end, grow), background=False)
             if wanted is not None:
                 self.fetch_exact(file, wanted[0], wanted[1])
+            if missed and extent is not None and stream is not None and offset <= extent[0]:
+                # The start of a file: a reader of many files nearby gets their data at once.
+                part = stream.note_miss(offset, end, file.size, files=layout.count_extents)
+                parts = [] if part is None else layout.extents_within(*part, gap=file.block_size)
+                for start, stop in parts:
+                    self.fetch_exact(file, start, stop)
             return await self._read_mapped(file, offset, end, grow)
         if wanted is not None:
             self.fetch_exact(file, wanted[0], wanted[1])
@@ -418,6 +436,8 @@ class BlockFetcher:
             return file.read(offset, end - offset)
         if file.retired:
             raise ReadError(f"{file.name}: the remote file changed; reopen it for the new version")
+        if self.pieces.size and (held := self._assemble(file, offset, end)) is not None:
+            return held  # parts of blocks an exact fetch brought (libblkid's probes, say)
         if stream is not None and layout is None and not self._all_pending(file, first, last):
             # Only a read that needs a new download is a miss: one that waits for blocks
             # already on their way (a prefetched part still arriving) says nothing new.

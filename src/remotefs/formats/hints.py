@@ -172,7 +172,8 @@ class OpenHints:
                 # around its ends too (the kernel's readahead): whole blocks, one request.
                 self._fetcher.prefetch(cached, start, end)
             else:
-                self._fetcher.fetch_exact(cached, start, end)
+                # Not readahead: the reader (the kernel mounting it) waits for these.
+                self._fetcher.fetch_exact(cached, start, end, background=False)
         log.info("%s: format hint: %s", cached.name, layout.describe())
 
     async def _read(self, cached: CachedFile, offset: int, size: int) -> bytes:

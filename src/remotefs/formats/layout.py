@@ -59,6 +59,17 @@ class Extents:
             return self._starts[index], self._ends[index]
         return None
 
+    def within(self, start: int, end: int) -> list[Range]:
+        """The parts of ``[start, end)`` that lie in a range (the gaps between them left out)."""
+        index = max(0, bisect.bisect_right(self._starts, start) - 1)
+        parts = []
+        while index < len(self._starts) and self._starts[index] < end:
+            low, high = max(start, self._starts[index]), min(end, self._ends[index])
+            if low < high:
+                parts.append((low, high))
+            index += 1
+        return parts
+
     def total(self) -> int:
         return sum(end - start for start, end in zip(self._starts, self._ends, strict=True))
 
@@ -99,6 +110,17 @@ class Layout:
     def extent_at(self, offset: int) -> Range | None:
         """``(start, end)`` of the data extent holding byte *offset*, or None."""
         return self.extents.containing(offset)
+
+    def count_extents(self, start: int, end: int) -> int:
+        """How many data extents overlap ``[start, end)`` (files, or pieces of files)."""
+        return len(self.extents.within(start, end))
+
+    def extents_within(self, start: int, end: int, gap: int = 0) -> list[Range]:
+        """The files' data in ``[start, end)``, without what lies between files.
+
+        Parts less than *gap* apart are joined (one request is worth a few bytes more).
+        """
+        return merge(self.extents.within(start, end), gap=gap)
 
     def describe(self) -> str:
         meta = sum(end - start for start, end in merge(self.metadata))
