@@ -120,7 +120,22 @@ def loop_mount_run(image: Path, files: list[str], reader: str, where: Path) -> L
         ).stdout.strip()
         name = Path(source).name
         loop_bytes = (loop_sectors_read().get(name, 0) - before.get(name, 0)) * 512
-    return LoopRun(time.monotonic() - started, output, loop_bytes)
+    seconds = time.monotonic() - started
+    wait_detached(image)
+    return LoopRun(seconds, output, loop_bytes)
+
+
+def wait_detached(image: Path, timeout: float = 20) -> None:
+    """Wait until no loop device holds *image* (autoclear detaches after umount returns).
+
+    Until then the file is open, and the filesystem it lives in cannot be unmounted.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+        if not held.stdout.strip():
+            return
+        time.sleep(0.05)
 
 
 def digest(path: Path) -> str:

@@ -43,10 +43,11 @@ def test_pieces_that_cover_whole_blocks_give_them_up() -> None:
     file = fake(len(data))
     store = PieceStore()
     store.add(file, 60 * KiB, data[60 * KiB : 140 * KiB])
-    assert store.take_blocks(file) == [(1, data[64 * KiB : 128 * KiB])]
+    assert store.take_blocks(file, 60 * KiB) == [(1, data[64 * KiB : 128 * KiB])]
+    assert store.take_blocks(file, 150 * KiB) == []  # no piece there
     store.add(file, 190 * KiB, data[190 * KiB :])
     store.add(file, 192 * KiB, data[192 * KiB :])
-    blocks = dict(store.take_blocks(file))
+    blocks = dict(store.take_blocks(file, 195 * KiB))
     assert blocks[3] == data[192 * KiB :]
 
 

@@ -411,6 +411,9 @@ class BlockFetcher:
             grow = 0
             if extent is not None and stream is not None and stream.proven:
                 grow = min(extent[1], offset + self._options.min_request)
+            if self.budget is not None:
+                size = file.block_size
+                self.budget.touch(file, offset // size, (end - 1) // size + 1)
             # The read's own bytes first, then its file's readahead: what the read waits
             # for is asked for before what it may need next.
             missed = self._assemble(file, offset, end) is None
@@ -450,16 +453,11 @@ class BlockFetcher:
             limit = self._options.read_deadline + self._options.stall_timeout
             with trio.move_on_after(limit) as scope:
                 try:
-                    grow_to = None
-                    if layout is not None:
-                        # Mapped: a miss grows only in a file being read from its start.
-                        proven = extent is not None and stream is not None and stream.proven
-                        grow_to = -(-extent[1] // block_size) if extent and proven else last
                     if budget is None:
-                        await self._ensure(file, first, last, grow_to)
+                        await self._ensure(file, first, last)
                     else:
                         with budget.reading_blocks(file, first, last):
-                            await self._ensure(file, first, last, grow_to)
+                            await self._ensure(file, first, last)
                     return file.read(offset, end - offset)
                 except (_CacheFullError, UncacheableError):
                     pass
@@ -533,13 +531,8 @@ class BlockFetcher:
             raise ReadError(f"{file.name}: bytes at {start}: {err}") from None
         return b"".join(chunks)
 
-    async def _ensure(
-        self, file: CachedFile, first: int, last: int, grow_to: int | None = None
-    ) -> None:
-        """Wait until blocks ``[first, last)`` are present, starting downloads as needed.
-
-        New downloads grow to ``--min-request``, but never past block *grow_to* when given.
-        """
+    async def _ensure(self, file: CachedFile, first: int, last: int) -> None:
+        """Wait until blocks ``[first, last)`` are present, starting downloads as needed."""
         inflight = self._inflight.setdefault(file, {})
         while True:
             if file.retired:
@@ -551,7 +544,7 @@ class BlockFetcher:
             missing -= file.bitmap
             if not missing:
                 return
-            self._schedule(file, inflight, missing, grow_to)
+            self._schedule(file, inflight, missing)
             block = missing.min()
             download = inflight[block]
             while block not in file.bitmap and not download.done:
@@ -565,13 +558,7 @@ class BlockFetcher:
                 continue  # fetched as one stream now, or a paused fill: schedule again
             raise ReadError(f"{file.name}: bytes at {block * file.block_size}: {cause}")
 
-    def _schedule(
-        self,
-        file: CachedFile,
-        inflight: dict[int, Download],
-        missing: BitMap,
-        grow_to: int | None = None,
-    ) -> None:
+    def _schedule(self, file: CachedFile, inflight: dict[int, Download], missing: BitMap) -> None:
         """Start one download per run of missing blocks that nothing is fetching yet."""
         if not file.remote.accepts_ranges:
             block = missing.min()
@@ -586,8 +573,7 @@ class BlockFetcher:
             return
         min_blocks = max(1, self._options.min_request // file.block_size)
         for first, end in _runs(missing, inflight):
-            grown = self._grow(file, inflight, first, end, min_blocks, grow_to)
-            self._start(file, inflight, first, grown)
+            self._start(file, inflight, first, self._grow(file, inflight, first, end, min_blocks))
 
     def prefetch(self, file: CachedFile, start: int, end: int, *, split: bool = True) -> None:
         """Start downloads for bytes ``[start, end)`` without waiting for them (readahead).
@@ -808,7 +794,7 @@ class BlockFetcher:
             )
             if not file.retired:
                 self.pieces.add(file, fetch.start, b"".join(chunks))
-                self._store_whole_blocks(file)
+                self._store_whole_blocks(file, fetch.start)
         except RangeNotSupportedError:
             # Not an error for the readers: they fetch the file as one stream from now on.
             if file.remote.accepts_ranges:
@@ -829,11 +815,11 @@ class BlockFetcher:
                 fetches.remove(fetch)
             fetch.done.set()
 
-    def _store_whole_blocks(self, file: CachedFile) -> None:
-        """Put blocks that pieces now cover whole into the cache (without a cap only)."""
+    def _store_whole_blocks(self, file: CachedFile, near: int) -> None:
+        """Put blocks that the piece at *near* now covers whole into the cache (no cap only)."""
         if self.budget is not None or not file.cacheable:
             return
-        for block, data in self.pieces.take_blocks(file):
+        for block, data in self.pieces.take_blocks(file, near):
             if block in file.bitmap:
                 continue
             try:
@@ -908,20 +894,10 @@ class BlockFetcher:
 
     @staticmethod
     def _grow(
-        file: CachedFile,
-        inflight: dict[int, Download],
-        first: int,
-        end: int,
-        min_blocks: int,
-        limit: int | None = None,
+        file: CachedFile, inflight: dict[int, Download], first: int, end: int, min_blocks: int
     ) -> int:
-        """Extend ``[first, end)`` to *min_blocks* over blocks nobody has or is fetching.
-
-        Never past block *limit* (the end of a file inside an image), nor past EOF.
-        """
+        """Extend ``[first, end)`` to *min_blocks* over blocks nobody has or is fetching."""
         target = min(max(end, first + min_blocks), file.nblocks)
-        if limit is not None:
-            target = max(end, min(target, limit))
         while end < target and end not in inflight and end not in file.bitmap:
             end += 1
         return end

@@ -95,18 +95,24 @@ class PieceStore:
         index = bisect.bisect_right(pieces.starts, start) - 1
         return index >= 0 and pieces.ends[index] >= end
 
-    def take_blocks(self, file: CachedFile) -> list[tuple[int, bytes]]:
-        """Whole blocks of *file* that pieces cover: ``(block, bytes)`` (to store in the cache)."""
+    def take_blocks(self, file: CachedFile, near: int) -> list[tuple[int, bytes]]:
+        """Whole blocks that the piece holding byte *near* covers: ``(block, bytes)``.
+
+        For the cache: a piece that grew to fill a block makes that block an ordinary one.
+        """
         pieces = self._files.get(file)
         if pieces is None:
             return []
+        index = bisect.bisect_right(pieces.starts, near) - 1
+        if index < 0 or pieces.ends[index] <= near:
+            return []
         size, found = file.block_size, []
-        for start, end, data in zip(pieces.starts, pieces.ends, pieces.data, strict=True):
-            stop = file.nblocks if end >= file.size else end // size
-            for block in range(-(-start // size), stop):
-                block_end = min((block + 1) * size, file.size)
-                at = block * size - start
-                found.append((block, data[at : at + block_end - block * size]))
+        start, end, data = pieces.starts[index], pieces.ends[index], pieces.data[index]
+        stop = file.nblocks if end >= file.size else end // size
+        for block in range(-(-start // size), stop):
+            block_end = min((block + 1) * size, file.size)
+            at = block * size - start
+            found.append((block, data[at : at + block_end - block * size]))
         return found
 
     def drop(self, file: CachedFile) -> None:
