@@ -222,6 +222,9 @@ main() {
         # it in headless Chromium and probe an MP4 over it (tests/test_serve_media.py).
         packages+=(unzip e2fsprogs util-linux mount fio curl systemd openssl attr dpkg-dev debootstrap
             systemd-container python3-venv ffmpeg chromium fonts-dejavu-core)
+        # The format hints' tests make images with the real tools: mksquashfs/unsquashfs,
+        # xorriso, genisoimage/isoinfo, zip, and sfdisk (package fdisk) for partitioned disks.
+        packages+=(squashfs-tools xorriso genisoimage zip fdisk)
     fi
     if ! choose_python; then
         echo "setup: $choose_error" >&2

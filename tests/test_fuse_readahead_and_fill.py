@@ -85,7 +85,7 @@ def test_random_reader_gets_only_what_it_asks_rounded_to_min_request(
 def test_a_reader_working_in_one_part_of_a_file_gets_that_part_at_once(
     origin: Origin, origin_root: Path, remotefs: MountFactory
 ) -> None:
-    """Scattered misses in one small part (a loop-mounted image's metadata) fetch the part.
+    """Scattered misses in one small part (an unknown image's metadata) fetch the part.
 
     Later reads there are hits: no request, no round trip. The part is the misses' span
     widened by one average gap at each end, cut into parallel requests, each byte once.
@@ -97,7 +97,8 @@ def test_a_reader_working_in_one_part_of_a_file_gets_that_part_at_once(
     )
     origin.wait_idle()
     origin.reset_counters()
-    seeks = [40 * MiB, 52 * MiB, 44 * MiB, 56 * MiB, 48 * MiB]  # each a jump from the last
+    # Five reads within 1 MiB, each a jump from the last (a filesystem's metadata blocks).
+    seeks = [40 * MiB + step * 256 * KiB for step in (0, 3, 1, 4, 2)]
     fd = os.open(mount.path / "image.bin", os.O_RDONLY | os.O_DIRECT)
     try:
         buffer = bytearray(4096)
@@ -113,8 +114,9 @@ def test_a_reader_working_in_one_part_of_a_file_gets_that_part_at_once(
         assert origin.bytes_served("/image.bin") <= 4 * 256 * KiB, "clustered too early"
         read_at(seeks[-1])
         deadline = time.monotonic() + 30
-        part = (36 * MiB, 60 * MiB + 4 * KiB)  # 40..56 MiB widened by a quarter of 16 MiB
-        while time.monotonic() < deadline and origin.bytes_served("/image.bin") < 24 * MiB:
+        span = MiB + 4 * KiB  # 40..41 MiB + one read, widened by a quarter of it each side
+        part = (40 * MiB - span // 4, 41 * MiB + 4 * KiB + span // 4)
+        while time.monotonic() < deadline and not _covers(origin, part):
             time.sleep(0.05)
         origin.wait_idle()
         ranges = origin.served_ranges("/image.bin")
@@ -122,8 +124,10 @@ def test_a_reader_working_in_one_part_of_a_file_gets_that_part_at_once(
         covered = sum(end - start for start, end in ranges)
         assert part[0] >= min(start for start, _ in ranges) - 256 * KiB
         assert max(end for _, end in ranges) >= part[1]
-        # The part plus at most one minimum request of rounding at each miss.
+        # The part plus at most one minimum request of rounding at each miss, and never
+        # anything far from it: a part is small (see readahead.CLUSTER_SPAN_MAX).
         assert covered <= part[1] - part[0] + 5 * 256 * KiB
+        assert max(end for _, end in ranges) <= part[1] + 256 * KiB
         assert len(ranges) > 5, "the part was not fetched in parallel pieces"
         origin.reset_counters()
         rng = random.Random(8)
@@ -133,6 +137,16 @@ def test_a_reader_working_in_one_part_of_a_file_gets_that_part_at_once(
         assert origin.requests == [], "reads inside the fetched part went to the origin"
     finally:
         os.close(fd)
+
+
+def _covers(origin: Origin, part: tuple[int, int]) -> bool:
+    """True once the origin has served every byte of *part* of /image.bin."""
+    origin.wait_idle()
+    position = part[0]
+    for start, end in sorted(origin.served_ranges("/image.bin")):
+        if start <= position < end:
+            position = end
+    return position >= part[1]
 
 
 @pytest.mark.parametrize(

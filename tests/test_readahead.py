@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
 from remotefs.cache.readahead import (
+    ACROSS_FILES,
     CLUSTER_MISSES,
     CLUSTER_MISSES_AGAIN,
     CLUSTER_SPAN_MAX,
@@ -118,23 +120,26 @@ def test_a_parked_stream_does_not_resume_for_reads_far_from_it() -> None:
     assert stream.window == 0 and stream.jumped
 
 
+#: Five misses within 1 MiB of each other, each a seek from the one before.
+PART = [8 * MiB + step * 256 * KiB for step in (0, 4, 2, 3, 1)]
+
+
 def test_misses_clustered_in_a_small_part_of_a_big_file_return_that_part_widened() -> None:
     stream = ReadStream()
-    offsets = [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]
-    results = [read_missing(stream, offset, 4 * KiB, 256 * MiB) for offset in offsets]
+    results = [read_missing(stream, offset, 4 * KiB, 256 * MiB) for offset in PART]
     assert results[:-1] == [None] * (CLUSTER_MISSES - 1)
-    span = 24 * MiB + 4 * KiB - 8 * MiB
+    span = 9 * MiB + 4 * KiB - 8 * MiB
     margin = span // (CLUSTER_MISSES - 1)
-    assert results[-1] == (8 * MiB - margin, 24 * MiB + 4 * KiB + margin)
+    assert results[-1] == (8 * MiB - margin, 9 * MiB + 4 * KiB + margin)
     assert stream.clustered
 
 
 def test_the_widened_part_stays_inside_the_file() -> None:
     stream = ReadStream()
-    for offset in [0, 12 * MiB, 3 * MiB, 9 * MiB]:  # each a seek from the one before
+    for offset in [0, 1200 * KiB, 300 * KiB, 900 * KiB]:  # each a seek from the one before
         assert read_missing(stream, offset, 4 * KiB, 256 * MiB) is None
-    start, end = read_missing(stream, 6 * MiB, 4 * KiB, 256 * MiB) or (-1, -1)
-    assert start == 0 and end > 12 * MiB
+    start, end = read_missing(stream, 600 * KiB, 4 * KiB, 256 * MiB) or (-1, -1)
+    assert start == 0 and end > 1200 * KiB
 
 
 def test_misses_spread_over_the_file_never_cluster() -> None:
@@ -154,9 +159,9 @@ def test_a_cluster_wider_than_the_cap_or_share_of_the_file_is_not_one() -> None:
     for index in range(CLUSTER_MISSES):
         offset = index * (CLUSTER_SPAN_MAX // (CLUSTER_MISSES - 1) + MiB)
         assert read_missing(wide, offset, 4096, 100 * GiB) is None
-    small_file = ReadStream()
+    small_file = ReadStream()  # 1.6 MiB is more than 1/64 of a 64 MiB file
     for index in range(CLUSTER_MISSES):
-        assert read_missing(small_file, index * 3 * MiB, 4096, 64 * MiB) is None
+        assert read_missing(small_file, index * 400 * KiB, 4096, 64 * MiB) is None
 
 
 def test_a_sequential_readers_misses_do_not_count_as_a_cluster() -> None:
@@ -168,12 +173,12 @@ def test_a_sequential_readers_misses_do_not_count_as_a_cluster() -> None:
 
 @pytest.mark.parametrize(
     ("file_size", "cap"),
-    [(GiB, CLUSTERED_WINDOW_MAX), (256 * MiB, 256 * MiB // CLUSTERED_WINDOW_SHARE)],
+    [(GiB, CLUSTERED_WINDOW_MAX), (64 * MiB, 64 * MiB // CLUSTERED_WINDOW_SHARE)],
 )
 def test_a_clustered_handle_reads_ahead_a_bounded_window(file_size: int, cap: int) -> None:
     """Runs inside a filesystem image end without warning: over-fetch stays bounded."""
     stream = ReadStream()
-    for offset in [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]:
+    for offset in [256 * KiB, 768 * KiB, 512 * KiB, 640 * KiB, 448 * KiB]:
         read_missing(stream, offset, 4 * KiB, file_size)
     assert stream.clustered
     start = 30 * MiB
@@ -217,15 +222,16 @@ def test_a_handles_first_run_doubles_freely_wherever_it_starts() -> None:
 def test_after_a_first_cluster_fewer_misses_show_the_next_part() -> None:
     """An image's reader moves on to another block group: it need not pay five misses again."""
     stream = ReadStream()
-    for offset in [8 * MiB, 24 * MiB, 18 * MiB, 22 * MiB, 15 * MiB]:
+    for offset in PART:
         read_missing(stream, offset, 4 * KiB, GiB)
     assert stream.clustered
-    offsets = [400 * MiB, 396 * MiB, 403 * MiB]
+    offsets = [400 * MiB, 399 * MiB, 400 * MiB + 700 * KiB]
     results = [read_missing(stream, offset, 4 * KiB, GiB) for offset in offsets]
     assert results[: CLUSTER_MISSES_AGAIN - 1] == [None] * (CLUSTER_MISSES_AGAIN - 1)
     start, end = results[-1] or (-1, -1)
-    assert start < 396 * MiB and end > 403 * MiB + 4 * KiB
-    assert end - start <= 2 * (403 * MiB + 4 * KiB - 396 * MiB)
+    span = 400 * MiB + 704 * KiB - 399 * MiB
+    assert start < 399 * MiB and end > 400 * MiB + 704 * KiB
+    assert end - start <= 2 * span
 
 
 def test_the_tail_hint_grows_with_the_file_up_to_twice_its_setting() -> None:
@@ -245,22 +251,22 @@ def test_small_reads_far_apart_are_not_a_stream() -> None:
         assert stream.window == 0 and stream.jumped
 
 
-def test_four_misses_in_a_few_mib_are_a_cluster_already() -> None:
-    """An ext4 mount reads its first block group's bitmaps and inode table, one trip each."""
+def test_four_misses_in_a_few_hundred_kib_are_a_cluster_already() -> None:
+    """A filesystem's inode chunk and directory blocks, read one round trip each."""
     stream = ReadStream()
-    offsets = [512 * KiB, MiB, 2 * MiB, 4 * MiB]
+    offsets = [64 * KiB, 160 * KiB, 320 * KiB, 448 * KiB]
     results = [read_missing(stream, offset, 4 * KiB, GiB) for offset in offsets]
     assert results[:3] == [None] * 3
-    span = 4 * MiB + 4 * KiB - 512 * KiB
-    assert results[3] == (0, 4 * MiB + 4 * KiB + span // 3)  # widened, down to offset 0
+    span = 452 * KiB - 64 * KiB
+    assert results[3] == (0, 452 * KiB + span // 3)  # widened, down to offset 0
     spread = ReadStream()
-    for offset in [0, 3 * MiB, 6 * MiB, 9 * MiB]:  # four, but over more than 8 MiB
+    for offset in [0, 200 * KiB, 400 * KiB, 600 * KiB]:  # four, but over more than 512 KiB
         assert read_missing(spread, offset, 4 * KiB, GiB) is None
 
 
 def test_a_miss_just_past_a_fetched_part_fetches_the_next_part_over() -> None:
     """The few misses that showed a part underestimate it: the reader goes on past its end."""
-    offsets = [208 * MiB, 224 * MiB, 218 * MiB, 222 * MiB, 215 * MiB]
+    offsets = [200 * MiB + offset for offset in PART]
     upward, downward = ReadStream(), ReadStream()
     for offset in offsets:
         part = read_missing(upward, offset, 4 * KiB, GiB)
@@ -268,6 +274,79 @@ def test_a_miss_just_past_a_fetched_part_fetches_the_next_part_over() -> None:
     assert part is not None
     first, last = part
     width = last - first
-    assert read_missing(upward, last + MiB, 4 * KiB, GiB) == (last, last + width)
-    assert read_missing(downward, first - MiB, 4 * KiB, GiB) == (first - width, first)
+    assert read_missing(upward, last + width // 2, 4 * KiB, GiB) == (last, last + width)
+    assert read_missing(downward, first - width // 2, 4 * KiB, GiB) == (first - width, first)
     assert read_missing(upward, 900 * MiB, 4 * KiB, GiB) is None  # far away: no neighbour
+
+
+# -- files of a mapped image -------------------------------------------------------------------
+
+
+def starts(offsets: list[int], size: int = 100 * KiB) -> Callable[[int, int], int]:
+    """A count of the files that start (or lie) in a span, for files at *offsets*."""
+
+    def count(start: int, end: int) -> int:
+        return sum(1 for offset in offsets if offset < end and offset + size > start)
+
+    return count
+
+
+def test_a_reader_of_every_file_of_a_directory_gets_their_data_at_once() -> None:
+    """``find | xargs cat``: name order is not disk order, but every file is read."""
+    files = [64 * MiB + index * 100 * KiB for index in range(20)]
+    order = [files[index] for index in (7, 2, 13, 0, 18, 5)]
+    stream = ReadStream()
+    results = [
+        stream.note_miss(offset, offset + 4 * KiB, GiB, files=starts(files)) for offset in order
+    ]
+    assert results[:3] == [None] * 3
+    part = next(result for result in results if result is not None)
+    assert part[0] <= files[2] and part[1] >= files[13] + 4 * KiB
+
+
+def test_a_few_files_picked_among_many_nearby_are_not_a_cluster() -> None:
+    """``cat`` of a few files of a big directory: they lie close, but most are not read."""
+    files = [64 * MiB + index * 20 * KiB for index in range(200)]  # 4 MiB of small files
+    order = [files[index] for index in (3, 40, 77, 120, 160, 199)]
+    stream = ReadStream()
+    assert all(
+        stream.note_miss(offset, offset + 4 * KiB, GiB, files=starts(files, 20 * KiB)) is None
+        for offset in order
+    )
+
+
+def test_a_part_of_files_is_followed_by_wider_parts_while_the_reader_goes_on() -> None:
+    files = [64 * MiB + index * 100 * KiB for index in range(400)]
+    stream = ReadStream()
+    for offset in files[:5]:
+        part = stream.note_miss(offset, offset + 4 * KiB, GiB, files=starts(files))
+    assert part is not None
+    width = part[1] - part[0]
+    beyond = stream.note_miss(part[1] + KiB, part[1] + 5 * KiB, GiB, files=starts(files))
+    assert beyond == (part[1], part[1] + 2 * width)
+
+
+def test_a_run_through_files_in_a_row_reads_ahead_across_them() -> None:
+    """Four files one right after the other: the window is no longer cut at each file's end."""
+    stream = ReadStream()
+    advance(stream, 900 * MiB, 4 * KiB)  # the handle has seeked before (a loop device has)
+    size = 64 * KiB
+    windows = []
+    for index in range(6):
+        start = 100 * MiB + index * size
+        result = stream.advance(
+            start,
+            start + size,
+            first_window=MiB,
+            initial=INITIAL,
+            maximum=MAXIMUM,
+            proven=True,
+            limit=start + size,
+        )
+        windows.append(result)
+        assert stream.reads_across == (index + 1 >= ACROSS_FILES)
+    # Cut at the file's end while the files are few; past it once four were read in a row.
+    assert all(w is None or w[1] <= 100 * MiB + (i + 1) * size for i, w in enumerate(windows[:3]))
+    last = windows[-1]
+    assert last is not None and last[1] > 100 * MiB + 6 * size
+    assert last[1] - (100 * MiB + 6 * size) <= stream.run  # never further ahead than read

@@ -37,6 +37,7 @@ import trio
 
 from ..config.manifest import Headers
 from ..config.options import MountOptions
+from ..formats.hints import OpenHints
 from ..http.errors import (
     HttpSourceError,
     PermanentError,
@@ -56,7 +57,7 @@ from .filler import Filler
 from .freshness import Revalidator
 from .gaps import gaps_largest_first
 from .probe import MAX_PROBES, Prober, ProbeResult, ProbeRetrier, origin_name, origin_of
-from .readahead import ReadStream, tail_hint
+from .readahead import ReadStream
 from .state_files import CatalogRecord
 from .store import CacheStore, EntryUnavailableError, StoredEntry
 
@@ -107,6 +108,9 @@ class Handle:
 
     file: CachedFile
     stream: ReadStream
+    #: The opener sets up a loop device: its reads should reach the engine as the kernel's
+    #: own demand (the FUSE door opens it ``direct_io``), see `remotefs.formats.hints`.
+    loop: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,7 @@ class RemoteCache:
             self.budget = CacheBudget(options.cache_max_size, self.files)
         self.reserve: FreeSpaceReserve | None = None
         self._fetcher: BlockFetcher | None = None
+        self._hints: OpenHints | None = None
         self._doors: list[Door] = []
         self._nursery: trio.Nursery | None = None
         #: Swaps to new versions run one at a time, and doors take this lock for their own
@@ -204,6 +209,9 @@ class RemoteCache:
                 self._nursery,
                 on_remote_changed=self._remote_changed,
                 budget=self.budget,
+            )
+            self._hints = OpenHints(
+                self._fetcher, tail=self.options.prefetch_tail, head=self.options.prefetch_head
             )
             if self.budget is not None:
                 self.budget.open_files = self.open_files
@@ -836,16 +844,19 @@ class RemoteCache:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def open(self, cached: CachedFile, *, hints: bool = True) -> Handle:
+    def open(self, cached: CachedFile, *, hints: bool = True, opener_pid: int = 0) -> Handle:
         """A handle to read *cached* (this version; it keeps failing once the origin changed).
 
-        Open-time hints fetch what most formats keep at their ends (zip, ISO, MP4 indexes at
-        the tail, superblocks at the head) concurrently with the first read.
+        Open-time hints (`OpenHints`) fetch what most formats keep at their ends (zip, ISO,
+        MP4 indexes at the tail, superblocks at the head) concurrently with the first read,
+        or what libblkid probes when *opener_pid* is setting up a loop device, and start the
+        format analysis of a known image. *opener_pid* 0: not a process of this machine's
+        (the library, the HTTP server).
         """
         handle = Handle(cached, ReadStream())
         self._handles[handle] = None
-        if hints:
-            self._prefetch_head_and_tail(cached)
+        if hints and self._hints is not None:
+            handle.loop = self._hints.opened(cached, opener_pid)
         return handle
 
     def close(self, handle: Handle) -> None:
@@ -864,16 +875,6 @@ class RemoteCache:
     def open_files(self) -> set[CachedFile]:
         """The files that have at least one open handle (the cache cap evicts them last)."""
         return {handle.file for handle in self._handles}
-
-    def _prefetch_head_and_tail(self, cached: CachedFile) -> None:
-        tail, head = self.options.prefetch_tail, self.options.prefetch_head
-        if cached.retired or not cached.size or cached.complete:
-            return
-        tail = tail_hint(tail, cached.size)
-        if tail:
-            self.fetcher.prefetch(cached, cached.size - tail, cached.size, split=False)
-        if head:
-            self.fetcher.prefetch(cached, 0, head, split=False)
 
     async def ensure_fresh(self, cached: CachedFile) -> None:
         """Revalidate *cached* if it is stale, waiting up to ``--revalidate-wait``."""

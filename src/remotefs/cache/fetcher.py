@@ -28,8 +28,10 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 from pyroaring import BitMap
@@ -40,6 +42,7 @@ from ..http.retry import retry_until
 from ..http.source import HttpSource
 from .budget import CacheBudget
 from .cached_file import CachedFile, FileRetiredError, UncacheableError
+from .pieces import PAGE, PieceStore
 from .readahead import ReadStream
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,11 @@ class ReadError(Exception):
 #: Largest single Range request of readahead: big enough to amortise a round trip, small
 #: enough that several run in parallel and one slow connection does not hold up the stream.
 MAX_PART = 8 * 1024 * 1024
+
+
+#: Exact fetches (mapped images) of whole blocks are cut into parallel parts only from
+#: this size on.
+SPLIT_EXACT_FROM = 4 * 1024 * 1024
 
 
 class FillPaused(Exception):
@@ -92,6 +100,16 @@ class Download:
     async def wait_change(self) -> None:
         """Sleep until the next `notify`."""
         await self._changed.wait()
+
+
+@dataclass(eq=False)
+class _PieceFetch:
+    """One exact request in flight for bytes ``[start, end)`` (parts of blocks)."""
+
+    start: int
+    end: int
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
 
 
 class _BlockAssembler:
@@ -226,6 +244,49 @@ class _BlockAssembler:
 RemoteChangedCallback = Callable[[CachedFile, RemoteChangedError], None]
 
 
+class FileMap(Protocol):
+    """What a file's format says about its bytes (`remotefs.formats.layout.Layout`).
+
+    With a map, the fetcher fetches what the map says a reader will use, and nothing on a
+    guess: readahead stops at the end of the data extent a read falls in; a run that starts
+    where an extent starts (a file read from its beginning) reads ahead at once and its
+    misses grow to ``--min-request``, while any other miss is fetched exactly (a probe, a
+    block in the middle of a file); and scattered misses never make a working region (the
+    map's metadata was fetched on open instead).
+    """
+
+    #: A stand-in while the format is being parsed: fetch exactly what is read.
+    pending: bool
+
+    def extent_at(self, offset: int) -> tuple[int, int] | None:
+        """``(start, end)`` of the data extent (a file's bytes) holding byte *offset*."""
+
+    def extents_within(self, start: int, end: int, gap: int = 0) -> list[tuple[int, int]]:
+        """The files' data in ``[start, end)``; parts less than *gap* apart joined."""
+
+    def count_extents(self, start: int, end: int) -> int:
+        """How many data extents start or lie in ``[start, end)``."""
+
+    def in_metadata(self, offset: int) -> bool:
+        """True when byte *offset* lies in the format's metadata."""
+
+
+def _mapped_readahead(
+    layout: FileMap, offset: int, extent: tuple[int, int] | None, wanted: tuple[int, int]
+) -> tuple[int, int] | None:
+    """The part of readahead *wanted* (for a read at *offset*) that *layout* allows.
+
+    Inside a file's extent: up to its end. In the metadata (fetched on open already) or
+    while the format is being parsed: nothing. Elsewhere (a file whose extents the parser
+    could not list): what the stream asked.
+    """
+    if extent is not None:
+        return (wanted[0], min(wanted[1], extent[1])) if wanted[0] < extent[1] else None
+    if layout.pending or layout.in_metadata(offset):
+        return None
+    return wanted
+
+
 def _runs(missing: BitMap, inflight: dict[int, Download]) -> list[tuple[int, int]]:
     """Contiguous runs ``[first, end)`` of *missing* blocks that no download covers."""
     runs: list[tuple[int, int]] = []
@@ -271,6 +332,24 @@ class BlockFetcher:
         self._fill_scopes: set[trio.CancelScope] = set()
         #: Per file: ``(first, end, until)`` of downloads that failed recently.
         self._failures: dict[CachedFile, list[tuple[int, int, float]]] = {}
+        #: Per file: what its format says about its bytes (`set_layout`).
+        self._maps: weakref.WeakKeyDictionary[CachedFile, FileMap] = weakref.WeakKeyDictionary()
+        #: Parts of blocks fetched exactly for mapped files, and those on their way.
+        self.pieces = PieceStore()
+        self._piece_fetches: weakref.WeakKeyDictionary[CachedFile, list[_PieceFetch]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def set_layout(self, file: CachedFile, layout: FileMap | None) -> None:
+        """Fetch *file* by what its format says from now on (None: by the general rules)."""
+        if layout is None:
+            self._maps.pop(file, None)
+        else:
+            self._maps[file] = layout
+
+    def spawn(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run *function* in the fetcher's nursery (open-time analysis), not in a request."""
+        self._nursery.start_soon(function, *args)
 
     @property
     def cache_full(self) -> bool:
@@ -288,6 +367,18 @@ class BlockFetcher:
         self.last_read = trio.current_time()
         if self._fill_scopes:
             self.pause_fill()
+        layout = self._maps.get(file) if self._maps else None
+        extent = None if layout is None else layout.extent_at(offset)
+        # The map is for readers of the files inside the image (a loop device, a tool that
+        # walks it); a handle still in a first run that began at offset 0 (sha256sum, cp)
+        # reads the image itself: a plain stream.
+        if (
+            layout is not None
+            and not layout.pending
+            and stream is not None
+            and stream.from_start(offset, end)
+        ):
+            layout = extent = None
         if stream is not None and offset < end and file.cacheable:
             wanted = stream.advance(
                 offset,
@@ -295,13 +386,50 @@ class BlockFetcher:
                 first_window=self._options.kernel_readahead,
                 initial=self._options.min_request,
                 maximum=self._readahead_max,
+                proven=extent is not None and offset <= extent[0] < end,
+                limit=None if extent is None else extent[1],
             )
-            if wanted is not None:
+            if wanted is not None and layout is not None and stream.reads_across:
+                # A reader going from file to file: read ahead over the next files' data.
+                for start, stop in layout.extents_within(*wanted, gap=file.block_size):
+                    self.fetch_exact(file, start, stop)
+                wanted = None
+            if wanted is not None and layout is not None:
+                wanted = _mapped_readahead(layout, offset, extent, wanted)
+            if wanted is not None and extent is None:
                 self.prefetch(file, wanted[0], wanted[1])
+                wanted = None
+        else:
+            wanted = None
         if offset >= end:
             return b""
         if not file.cacheable:
             return await self._read_direct(file, offset, end)
+        if layout is not None and (
+            layout.pending or extent is not None or layout.in_metadata(offset)
+        ):
+            grow = 0
+            if extent is not None and stream is not None and stream.proven:
+                grow = min(extent[1], offset + self._options.min_request)
+            if self.budget is not None:
+                size = file.block_size
+                self.budget.touch(file, offset // size, (end - 1) // size + 1)
+            # The read's own bytes first, then its file's readahead: what the read waits
+            # for is asked for before what it may need next.
+            missed = self._assemble(file, offset, end) is None
+            if missed:
+                self.fetch_exact(file, offset, max(end, grow), background=False)
+            if wanted is not None:
+                self.fetch_exact(file, wanted[0], wanted[1])
+            if missed and extent is not None and stream is not None and offset <= extent[0]:
+                # The start of a file: a reader of many files nearby gets their data at once.
+                part = stream.note_miss(offset, end, file.size, files=layout.count_extents)
+                parts = [] if part is None else layout.extents_within(*part, gap=file.block_size)
+                for start, stop in parts:
+                    self.fetch_exact(file, start, stop)
+            return await self._read_mapped(file, offset, end, grow)
+        if wanted is not None:
+            self.fetch_exact(file, wanted[0], wanted[1])
         block_size = file.block_size
         first, last = offset // block_size, (end - 1) // block_size + 1
         budget = self.budget
@@ -311,7 +439,9 @@ class BlockFetcher:
             return file.read(offset, end - offset)
         if file.retired:
             raise ReadError(f"{file.name}: the remote file changed; reopen it for the new version")
-        if stream is not None and not self._all_pending(file, first, last):
+        if self.pieces.size and (held := self._assemble(file, offset, end)) is not None:
+            return held  # parts of blocks an exact fetch brought (libblkid's probes, say)
+        if stream is not None and layout is None and not self._all_pending(file, first, last):
             # Only a read that needs a new download is a miss: one that waits for blocks
             # already on their way (a prefetched part still arriving) says nothing new.
             cluster = stream.note_miss(offset, end, file.size)
@@ -488,6 +618,215 @@ class BlockFetcher:
             raise ReadError(f"{file.name}: cache disk full: {err}") from None
         except UncacheableError as err:
             raise ReadError(f"{file.name}: not cached: {err.strerror}") from None
+
+    # -- exact fetches of mapped images ----------------------------------------------------------
+    #
+    # A file whose format is known (a `FileMap`) is read in pages by the kernel: a block of
+    # 64 KiB around each 4 KiB directory block would fetch 16 times what it reads. Its misses
+    # are fetched exactly instead: whole blocks go to the cache as always, parts of blocks
+    # (page-aligned) are kept in memory as pieces (`PieceStore`), with the same single flight.
+
+    def fetch_exact(
+        self, file: CachedFile, start: int, end: int, *, background: bool = True
+    ) -> None:
+        """Start fetching bytes ``[start, end)`` (page-aligned) without waiting for them.
+
+        Whole blocks become block downloads (in parallel parts, as readahead); the parts of
+        blocks at either end become exact piece requests, unless present, held or on their
+        way already.
+        """
+        start = start // PAGE * PAGE
+        end = min(-(-end // PAGE) * PAGE, file.size)
+        if start >= end or file.retired or self.cache_full or not file.cacheable:
+            return
+        if not file.remote.accepts_ranges:
+            self.prefetch(file, start, end)
+            return
+        size = file.block_size
+        first_whole, last_whole = -(-start // size), end // size
+        if end == file.size:
+            last_whole = file.nblocks
+        if first_whole < last_whole:
+            whole = BitMap()
+            whole.add_range(first_whole, last_whole)
+            for fetch in self._piece_fetches.get(file, ()):  # pieces on their way cover some
+                stop = file.nblocks if fetch.end >= file.size else fetch.end // size
+                whole.remove_range(-(-fetch.start // size), max(stop, 0))
+            whole -= file.bitmap
+            # Few requests: the window of one file inside an image is small, and every request
+            # beyond what may run at once waits a round trip for a connection.
+            for run_first, run_end in _runs(whole, self._inflight.get(file, {})):
+                run = (run_first * size, min(run_end * size, file.size))
+                self.prefetch(file, *run, split=run[1] - run[0] > SPLIT_EXACT_FROM)
+            parts = [(start, first_whole * size), (last_whole * size, end)]
+        else:
+            # No whole block: one part, or two when it crosses a block boundary.
+            middle = (start // size + 1) * size
+            parts = [(start, min(end, middle)), (middle, end)]
+        inflight = self._inflight.get(file, {})
+        wanted = []
+        for part_start, part_end in parts:
+            block = part_start // size
+            if part_start >= part_end or block in file.bitmap or block in inflight:
+                continue  # present, or its whole block is on its way
+            if self.pieces.covered(file, part_start, part_end):
+                continue
+            if self._piece_fetch(file, part_start, part_end) is None:
+                wanted.append((part_start, part_end))
+        if len(wanted) == 2 and wanted[0][1] == wanted[1][0]:
+            wanted = [(wanted[0][0], wanted[1][1])]  # two touching parts: one request
+        for part_start, part_end in wanted:
+            self._start_piece(file, part_start, part_end, background)
+
+    async def read_exact(self, file: CachedFile, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)``, fetched exactly (a format parser's reads).
+
+        Raises `ReadError` when they cannot be had.
+        """
+        end = min(offset + size, file.size)
+        if offset >= end:
+            return b""
+        if not file.cacheable or not file.remote.accepts_ranges:
+            await self.ensure(file, offset // file.block_size, (end - 1) // file.block_size + 1)
+            return file.read(offset, end - offset)
+        return await self._read_mapped(file, offset, end, 0, background=True)
+
+    async def _read_mapped(
+        self, file: CachedFile, offset: int, end: int, grow: int, *, background: bool = False
+    ) -> bytes:
+        """A read of a mapped file: fetch exactly what it misses (up to *grow*, if more)."""
+        limit = self._options.read_deadline + self._options.stall_timeout
+        with trio.move_on_after(limit):
+            while True:
+                if file.retired:
+                    raise ReadError(f"{file.name}: the remote file changed during the read")
+                data = self._assemble(file, offset, end)
+                if data is not None:
+                    return data
+                if self.cache_full:
+                    return await self._read_direct(file, offset, end)
+                self.fetch_exact(file, offset, max(end, grow), background=background)
+                grow = 0
+                await self._wait_exact(file, offset, end)
+                await trio.lowlevel.checkpoint()  # never a busy loop, whatever was missing
+        raise ReadError(f"{file.name}: read at {offset} timed out after {limit:.0f}s")
+
+    def _assemble(self, file: CachedFile, offset: int, end: int) -> bytes | None:
+        """Bytes ``[offset, end)`` from present blocks and pieces, or None if any is missing.
+
+        Synchronous: a present block's bytes are read before anything can evict it.
+        """
+        size = file.block_size
+        first, last = offset // size, (end - 1) // size + 1
+        if file.has_blocks(first, last):
+            return file.read(offset, end - offset)
+        parts: list[bytes] = []
+        position = offset
+        while position < end:
+            block = position // size
+            stop = min(end, (block + 1) * size)
+            if block in file.bitmap:
+                parts.append(file.read(position, stop - position))
+            else:
+                piece = self.pieces.get(file, position, stop)
+                if piece is None:
+                    return None
+                parts.append(piece)
+            position = stop
+        return b"".join(parts)
+
+    async def _wait_exact(self, file: CachedFile, offset: int, end: int) -> None:
+        """Wait for the first missing part of ``[offset, end)``; raise `ReadError` if it failed."""
+        size = file.block_size
+        position = offset
+        while position < end:
+            block = position // size
+            stop = min(end, (block + 1) * size)
+            if block in file.bitmap or self.pieces.covered(file, position, stop):
+                position = stop
+                continue
+            download = self._inflight.get(file, {}).get(block)
+            if download is not None:
+                while block not in file.bitmap and not download.done:
+                    await download.wait_change()
+                if block not in file.bitmap and isinstance(download.error, HttpSourceError):
+                    raise ReadError(f"{file.name}: bytes at {position}: {download.error}")
+                return
+            fetch = self._piece_fetch(file, position, stop)
+            if fetch is not None:
+                await fetch.done.wait()
+                if fetch.error is not None:
+                    raise ReadError(f"{file.name}: bytes at {position}: {fetch.error}")
+            return  # nothing on its way: the caller fetches it again
+        return
+
+    def _piece_fetch(self, file: CachedFile, start: int, end: int) -> _PieceFetch | None:
+        """The exact request in flight that covers ``[start, end)``, if any."""
+        for fetch in self._piece_fetches.get(file, ()):
+            if fetch.start <= start and end <= fetch.end:
+                return fetch
+        return None
+
+    def _start_piece(self, file: CachedFile, start: int, end: int, background: bool) -> None:
+        fetch = _PieceFetch(start, end)
+        self._piece_fetches.setdefault(file, []).append(fetch)
+        self._nursery.start_soon(self._run_piece, file, fetch, background)
+
+    async def _run_piece(self, file: CachedFile, fetch: _PieceFetch, background: bool) -> None:
+        """Fetch one piece within the read deadline; keep it, and any block it completes."""
+        chunks: list[bytes] = []
+
+        def keep(chunk: bytes) -> None:
+            file.stats.add(len(chunk))
+            chunks.append(chunk)
+
+        async def attempt() -> None:
+            chunks.clear()
+            await self._source.fetch_range(
+                file.remote, fetch.start, fetch.end, keep, background=background
+            )
+
+        try:
+            await retry_until(
+                attempt,
+                deadline=trio.current_time() + self._options.read_deadline,
+                describe=f"{file.name}: bytes {fetch.start}-{fetch.end - 1}",
+            )
+            if not file.retired:
+                self.pieces.add(file, fetch.start, b"".join(chunks))
+                self._store_whole_blocks(file, fetch.start)
+        except RangeNotSupportedError:
+            # Not an error for the readers: they fetch the file as one stream from now on.
+            if file.remote.accepts_ranges:
+                log.warning(
+                    "%s: the server ignores Range; fetching the file as one stream", file.name
+                )
+                file.disable_ranges()
+        except HttpSourceError as err:
+            fetch.error = err
+            log.error("%s: download failed: %s", file.name, err)
+            self._note_change(file, err)
+        except Exception as err:  # a bug must cost this piece, not the daemon
+            log.exception("%s: internal error in a download", file.name)
+            fetch.error = err
+        finally:
+            fetches = self._piece_fetches.get(file)
+            if fetches is not None and fetch in fetches:
+                fetches.remove(fetch)
+            fetch.done.set()
+
+    def _store_whole_blocks(self, file: CachedFile, near: int) -> None:
+        """Put blocks that the piece at *near* now covers whole into the cache (no cap only)."""
+        if self.budget is not None or not file.cacheable:
+            return
+        for block, data in self.pieces.take_blocks(file, near):
+            if block in file.bitmap:
+                continue
+            try:
+                file.write_blocks(block, 1, data)
+            except (OSError, FileRetiredError, UncacheableError) as err:
+                log.debug("%s: block %d not stored: %s", file.name, block, err)
+                return
 
     # -- background fill ------------------------------------------------------------------------
 

@@ -236,12 +236,17 @@ class RemoteFsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         handle = self._next_handle
         self._next_handle += 1
-        self._handles[handle] = engine.open(node.cached)
+        opened = engine.open(node.cached, opener_pid=ctx.pid)
+        self._handles[handle] = opened
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
         # without the daemon noticing, and then the new version gets a new inode. Not for a
         # no-store file: what the origin said not to keep is kept only while it is open.
         keep = not node.cached.remote.freshness.no_store
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=keep)
+        info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=keep)
+        # A loop device's backing file: its requests reach the engine as the kernel's own
+        # demand, not widened by page cache readahead (`remotefs.formats.hints`).
+        info.direct_io = opened.loop
+        return info
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
