@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import zipfile
@@ -176,3 +177,63 @@ def test_readme_quick_start_runs_as_written(
     assert re.search(r"^/mnt/remote  \(pid \d+; 3 files", status, re.MULTILINE), status
     assert re.search(r"^big\.iso .* complete ", status, re.MULTILINE), status
     assert all(name in status for name in ("big.zip", "disk.img")), status
+
+
+def test_readme_serve_example_runs_as_written(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """The "Serve over HTTP" block, after the quick start's urls.txt, on a free port.
+
+    The block's port 8080 becomes a free one (a test must not take a port another program
+    may hold); everything else runs as written. No FUSE: a serving daemon needs none.
+    """
+    missing = [tool for tool in ("curl", "od", "sha256sum") if shutil.which(tool) is None]
+    if missing:
+        _unavailable(f"the serve example needs {', '.join(missing)} (scripts/setup.sh test)")
+    facts = _serve_the_block_files(origin_root, tmp_path)
+    local = f"http://{origin.host}:{origin.port}"
+    heredoc = re.search(
+        r"^cat > urls\.txt <<'EOF'\n.*?^EOF\n",
+        readme_block("quick-start"),
+        re.DOTALL | re.MULTILINE,
+    )
+    assert heredoc is not None, "the quick start no longer writes urls.txt"
+    block = readme_block("serve-example")
+    assert "127.0.0.1:8080" in block
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = (heredoc.group(0) + block).replace(PLACEHOLDER, local)
+    script = script.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "serve-example.sh").write_text(script)
+    (tmp_path / "home").mkdir()
+    _remotefs_command(tmp_path / "bin")
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "LANG": "C.UTF-8",
+    }
+    try:
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-x", "./serve-example.sh"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        # A block that failed half-way leaves its daemon: stop it the way the block does.
+        subprocess.run(["remotefs", "stop"], env=env, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, f"the serve example failed:\n{result.stderr[-6000:]}"
+    out = result.stdout
+    assert f"{facts['iso_sha256']}  -" in out
+    assert re.search(r"^0000000\s+P\s+K\s+003\s+004\s*$", out, re.MULTILINE), out
+    assert '"big.zip"' in out and '"disk.img"' in out, out
+    assert re.search(r"\(pid \d+; 3 files", out), out
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pytest.fail("the server still answers after remotefs stop")
