@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from remotefs.daemon.process import wait_for_exit
-from remotefs.daemon.serve import human_size
+from remotefs.units import human_size
 
 from .conftest import IN_CI, write_random
 from .mounting import REMOTEFS, MountFactory, force_unmount, is_mounted

@@ -33,6 +33,7 @@ from .config.options import default_cache_dir
 from .daemon.control import MAX_ANSWER, SOCKET_NAME, unix_address
 from .daemon.process import wait_for_exit
 from .fuse.xattr_names import CONTROL_XATTR
+from .units import human_size as human
 
 COMMANDS = ("status", "prefetch", "evict", "reload", "stop")
 FSTYPE = "fuse.remotefs"
@@ -280,17 +281,6 @@ def _group_by_daemon(paths: list[str], cache_dir: str | None) -> dict[Target, li
 
 
 # -- formatting ----------------------------------------------------------------------------------
-
-
-def human(count: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    if count < 1024:
-        return f"{count:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        count /= 1024
-        if count < 1024 or unit == "TiB":
-            break
-    return f"{count:.1f} {unit}"
 
 
 def bar(percent: float, width: int = 20) -> str:

@@ -40,6 +40,7 @@ from ..config.manifest import ManifestEntry, ManifestError, load_manifest
 from ..config.options import MountOptions
 from ..fuse.tree import FileNode, Removed, Tree
 from ..serve.listen import HttpSettings
+from ..units import human_size
 from .control import ControlServer
 from .loop_monitor import LoopMonitor
 from .notify import notify_enabled, sd_notify
@@ -511,15 +512,3 @@ class Daemon:
                     log.info("got %s; stopping", name)
                 self.stop(f"got {name}")
                 return
-
-
-def human_size(size: int) -> str:
-    """``1536`` -> ``1.5 KiB``: binary units, one decimal."""
-    if size < 1024:
-        return f"{size} B"
-    value = size / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

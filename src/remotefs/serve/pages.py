@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..units import human_size as human
+
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; }
@@ -53,17 +55,6 @@ class Entry:
 
 def percent(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 2) if whole else 100.0
-
-
-def human(count: float) -> str:
-    """``1536`` -> ``1.5 KiB`` (as ``remotefs status`` shows sizes)."""
-    if count < 1024:
-        return f"{count:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        count /= 1024
-        if count < 1024 or unit == "TiB":
-            break
-    return f"{count:.1f} {unit}"
 
 
 def quote_path(parts: Sequence[str], *, directory: bool = False) -> str:
