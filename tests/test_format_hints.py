@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -27,7 +28,7 @@ from remotefs.cache.fetcher import BlockFetcher
 from remotefs.cache.readahead import ReadStream
 from remotefs.cache.store import CacheStore
 from remotefs.formats.hints import LOOP_OPENERS, OpenHints, probe_ranges
-from remotefs.formats.layout import Extents, Layout
+from remotefs.formats.layout import PAGE, Extents, Layout
 from remotefs.http.source import HttpSource
 
 from .conftest import make_options, write_random
@@ -162,6 +163,39 @@ def test_a_file_read_from_its_start_inside_an_image_is_fetched_to_its_end_and_no
         assert ranges[0][0] == extent[0] and max(end for _, end in ranges) == extent[1]
         assert sum(end - start for start, end in ranges) == extent[1] - extent[0]
         assert len(ranges) <= 4, ranges  # a piece, whole blocks, a piece: one round trip
+
+    run_stack(tmp_path, origin, "img.bin", body)
+
+
+def test_a_file_that_starts_mid_page_is_read_ahead_from_the_page_before_its_start(
+    tmp_path: Path, origin: Origin, origin_root: Path
+) -> None:
+    """squashfs packs files byte after byte: the kernel reads a file from the page that holds
+    its start, which begins with the previous file's tail. That read is the file's first."""
+    data = write_random(origin_root / "img.bin", 4 * MiB)
+    rng = random.Random(15)
+    start = 400 * KiB + rng.randrange(1, PAGE)  # not on a page boundary
+    previous = (64 * KiB + rng.randrange(1, PAGE), start)  # the file before it, up to it
+    extents = [previous, (start, start + 400 * KiB + rng.randrange(PAGE))]
+
+    async def body(stack: Stack) -> None:
+        fetcher, cached = stack.fetcher, stack.cached
+        fetcher.set_layout(cached, Layout("test", [(0, 4 * KiB)], Extents(extents)))
+        stream = ReadStream()
+        await fetcher.read(cached, 3 * MiB, 4 * KiB, stream)  # the handle has seeked before
+        origin.reset_counters()
+        position, end = start // PAGE * PAGE, extents[1][1]
+        while position < end:  # the loop driver's reads: 128 KiB plus a page, overlapping
+            size = min(132 * KiB, end - position)
+            got = await fetcher.read(cached, position, size, stream)
+            assert got == data[position : position + size]
+            position += 128 * KiB
+        ranges = served(origin, "img.bin")
+        # The first read and, at once, the rest of the file: one round trip, not one a read
+        # (its own bytes: a piece, whole blocks, a piece; the rest: blocks and a piece).
+        assert len(ranges) <= 5, ranges
+        assert min(first for first, _ in ranges) == start // PAGE * PAGE
+        assert max(stop for _, stop in ranges) <= -(-end // PAGE) * PAGE + 4 * KiB
 
     run_stack(tmp_path, origin, "img.bin", body)
 

@@ -14,6 +14,9 @@ import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+#: The unit the kernel reads a loop device's backing file in.
+PAGE = 4096
+
 Range = tuple[int, int]
 
 
@@ -56,6 +59,13 @@ class Extents:
         """The range that holds byte *offset*, or None."""
         index = bisect.bisect_right(self._starts, offset) - 1
         if index >= 0 and offset < self._ends[index]:
+            return self._starts[index], self._ends[index]
+        return None
+
+    def starting_in(self, start: int, end: int) -> Range | None:
+        """The first range whose start lies in ``[start, end)``, or None."""
+        index = bisect.bisect_left(self._starts, start)
+        if index < len(self._starts) and self._starts[index] < end:
             return self._starts[index], self._ends[index]
         return None
 
@@ -107,9 +117,17 @@ class Layout:
             list(self.notes),
         )
 
-    def extent_at(self, offset: int) -> Range | None:
-        """``(start, end)`` of the data extent holding byte *offset*, or None."""
-        return self.extents.containing(offset)
+    def extent_of_read(self, offset: int) -> Range | None:
+        """``(start, end)`` of the data extent a read at *offset* is reading, or None.
+
+        That is the extent holding *offset*, unless another one starts in the page that
+        begins there: the kernel reads whole pages and sectors, so a file whose data does
+        not start on a page boundary (squashfs packs its files' blocks byte after byte) is
+        read from the page before its start, which holds the end of the file before it.
+        Such a read is that next file's first read.
+        """
+        starting = self.extents.starting_in(offset, offset + PAGE)
+        return starting if starting is not None else self.extents.containing(offset)
 
     def count_extents(self, start: int, end: int) -> int:
         """How many data extents overlap ``[start, end)`` (files, or pieces of files)."""
