@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from remotefs.formats import HEAD
+from remotefs.formats.layout import PAGE, Extents, Layout
 
 from .image_analysis import Analysis, analyse_bytes, analyse_path, require_image_tools, run
 from .image_makers import (
@@ -595,3 +596,21 @@ def test_random_bytes_and_empty_files_are_no_format() -> None:
     for size in (0, 1, 511, 4096, 70_000, 3 * MiB):
         analysis = analyse_bytes(rng.randbytes(size))
         assert analysis.layout is None
+
+
+def test_a_read_from_the_page_before_a_files_start_belongs_to_that_file() -> None:
+    """A file that starts mid-page is read from that page; a page of metadata stays metadata."""
+    rng = random.Random(21)
+    for _ in range(200):
+        first = rng.randrange(1, 4096)  # right after a superblock, inside its page
+        second = rng.randrange(first + 1, 1 << 30)
+        end = second + rng.randrange(1, 1 << 24)
+        layout = Layout("test", [(0, 4096)], Extents([(first, second), (second, end)]))
+        page = second // PAGE * PAGE
+        assert layout.extent_of_read(0) is None  # the superblock's page: metadata
+        if page >= PAGE:
+            assert layout.extent_of_read(page) == (second, end)  # the page holding its start
+        assert layout.extent_of_read(second) == (second, end)
+        assert layout.extent_of_read(second + PAGE) == (second, end) or second + PAGE >= end
+        if page - PAGE > first:
+            assert layout.extent_of_read(page - PAGE) == (first, second)  # the file before

@@ -124,10 +124,15 @@ class Layout:
         begins there: the kernel reads whole pages and sectors, so a file whose data does
         not start on a page boundary (squashfs packs its files' blocks byte after byte) is
         read from the page before its start, which holds the end of the file before it.
-        Such a read is that next file's first read.
+        Such a read is that next file's first read, unless the page begins in the metadata
+        (squashfs's first file starts right after the superblock, which every probe of the
+        device reads).
         """
-        starting = self.extents.starting_in(offset, offset + PAGE)
-        return starting if starting is not None else self.extents.containing(offset)
+        if not self.in_metadata(offset):
+            starting = self.extents.starting_in(offset, offset + PAGE)
+            if starting is not None:
+                return starting
+        return self.extents.containing(offset)
 
     def count_extents(self, start: int, end: int) -> int:
         """How many data extents overlap ``[start, end)`` (files, or pieces of files)."""
