@@ -599,18 +599,20 @@ def test_random_bytes_and_empty_files_are_no_format() -> None:
 
 
 def test_a_read_from_the_page_before_a_files_start_belongs_to_that_file() -> None:
-    """A file that starts mid-page is read from that page; a page of metadata stays metadata."""
+    """A file that starts mid-page is read from before its start; a read mostly before it
+    is the end of the file before, and a read from the metadata stays metadata."""
     rng = random.Random(21)
-    for _ in range(200):
-        first = rng.randrange(1, 4096)  # right after a superblock, inside its page
-        second = rng.randrange(first + 1, 1 << 30)
-        end = second + rng.randrange(1, 1 << 24)
-        layout = Layout("test", [(0, 4096)], Extents([(first, second), (second, end)]))
-        page = second // PAGE * PAGE
-        assert layout.extent_of_read(0) is None  # the superblock's page: metadata
-        if page >= PAGE:
-            assert layout.extent_of_read(page) == (second, end)  # the page holding its start
-        assert layout.extent_of_read(second) == (second, end)
-        assert layout.extent_of_read(second + PAGE) == (second, end) or second + PAGE >= end
-        if page - PAGE > first:
-            assert layout.extent_of_read(page - PAGE) == (first, second)  # the file before
+    for _ in range(500):
+        first = rng.randrange(1, PAGE)  # right after a superblock, inside its page
+        second = rng.randrange(first + 2 * PAGE, 1 << 30)
+        end = second + rng.randrange(2 * PAGE, 1 << 24)
+        layout = Layout("test", [(0, PAGE)], Extents([(first, second), (second, end)]))
+        long_read = rng.randrange(2 * PAGE, 256 * KiB)
+        assert layout.extent_of_read(0, long_read) is None  # the superblock's page: metadata
+        before = second - rng.randrange(1, PAGE)  # a block (sector, page) before its start
+        assert layout.extent_of_read(before, before + long_read) == (second, end)
+        assert layout.extent_of_read(before, second) == (first, second)  # the last block before
+        assert layout.extent_of_read(before, before + PAGE) == (first, second)  # a probe's page
+        assert layout.extent_of_read(second, second + long_read) == (second, end)
+        far = second - PAGE - rng.randrange(0, PAGE)  # more than a page before: the file before
+        assert layout.extent_of_read(far, far + long_read) == (first, second)

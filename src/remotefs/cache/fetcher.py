@@ -258,8 +258,8 @@ class FileMap(Protocol):
     #: A stand-in while the format is being parsed: fetch exactly what is read.
     pending: bool
 
-    def extent_of_read(self, offset: int) -> tuple[int, int] | None:
-        """``(start, end)`` of the data extent (a file's bytes) a read at *offset* reads."""
+    def extent_of_read(self, offset: int, end: int) -> tuple[int, int] | None:
+        """``(start, end)`` of the data extent (a file's bytes) a read of these bytes reads."""
 
     def extents_within(self, start: int, end: int, gap: int = 0) -> list[tuple[int, int]]:
         """The files' data in ``[start, end)``; parts less than *gap* apart joined."""
@@ -368,7 +368,7 @@ class BlockFetcher:
         if self._fill_scopes:
             self.pause_fill()
         layout = self._maps.get(file) if self._maps else None
-        extent = None if layout is None else layout.extent_of_read(offset)
+        extent = None if layout is None else layout.extent_of_read(offset, end)
         # The map is for readers of the files inside the image (a loop device, a tool that
         # walks it); a handle still in a first run that began at offset 0 (sha256sum, cp)
         # reads the image itself: a plain stream.

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from ..config.options import MiB
+from ..config.options import KiB, MiB
 
 #: Reads that end at most this far behind the furthest point seen are reordered kernel
 #: requests, not seeks (two 1 MiB readahead requests that overtook each other).
@@ -104,6 +104,11 @@ PROVEN_WINDOW_FACTOR = 4
 #: in order). Two files in a row happen by chance (two small files picked from a directory
 #: lie side by side); four rarely do.
 ACROSS_FILES = 4
+#: ... "in a row": a file counts as the next one when its first read begins at most this far
+#: past what the run has read (files written in order lie a block apart at most; squashfs
+#: packs them back to back). Files picked further apart, even in disk order (`sha256sum` of
+#: files sorted by name, which squashfs stores in that order), start the count again.
+ACROSS_GAP = 64 * KiB
 #: An index at a file's end grows with the file (a zip's central directory has one entry per
 #: member): the open-time tail hint grows to this share of the file, up to twice its
 #: configured size, so that a big archive's index still arrives in one round trip.
@@ -391,7 +396,8 @@ class ReadStream(_Run):
 
     def _extend(self, offset: int, end: int, proven: bool) -> None:
         """Count a read that continues the current run (*proven*: it starts a mapped file)."""
-        self.files += int(proven)
+        if proven:
+            self.files = self.files + 1 if offset <= self.furthest + ACROSS_GAP else 1
         self.proven = self.proven or proven
         self.run += max(0, end - self.furthest)
         self.read_bytes += end - offset

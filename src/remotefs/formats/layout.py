@@ -117,20 +117,22 @@ class Layout:
             list(self.notes),
         )
 
-    def extent_of_read(self, offset: int) -> Range | None:
-        """``(start, end)`` of the data extent a read at *offset* is reading, or None.
+    def extent_of_read(self, offset: int, end: int) -> Range | None:
+        """``(start, end)`` of the data extent a read of ``[offset, end)`` is reading, or None.
 
-        That is the extent holding *offset*, unless another one starts in the page that
-        begins there: the kernel reads whole pages and sectors, so a file whose data does
-        not start on a page boundary (squashfs packs its files' blocks byte after byte) is
-        read from the page before its start, which holds the end of the file before it.
-        Such a read is that next file's first read, unless the page begins in the metadata
-        (squashfs's first file starts right after the superblock, which every probe of the
-        device reads).
+        That is the extent holding *offset*, but for one case: a read of more than a page
+        that begins less than a page before another extent's start and lies mostly past it
+        is that file's first read. The kernel reads a squashfs file (whose data starts
+        anywhere: squashfs packs files byte after byte) from the device block before its
+        start, which holds the end of the file before it, a compressed block (up to 128 KiB)
+        at a time. What is left out: a read mostly before that start (the end of the file
+        before), a read of a page or less (libblkid's probes, one 4 KiB page each; the last
+        block of the file before), and a read that begins in the metadata (squashfs's first
+        file starts inside the superblock's page).
         """
-        if not self.in_metadata(offset):
-            starting = self.extents.starting_in(offset, offset + PAGE)
-            if starting is not None:
+        if end - offset > PAGE and not self.in_metadata(offset):
+            starting = self.extents.starting_in(offset + 1, offset + PAGE)
+            if starting is not None and end - starting[0] > starting[0] - offset:
                 return starting
         return self.extents.containing(offset)
 
