@@ -203,16 +203,19 @@ def _unit_for_this_machine(tmp_path: Path) -> Path:
     return copy
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def _systemd_analyze() -> str:
+    """The systemd-analyze binary; a failure in CI, a skip elsewhere, when it is missing."""
     tool = shutil.which("systemd-analyze")
     if tool is None:
         message = "systemd-analyze is missing (Debian package: systemd)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    template = _unit_for_this_machine(tmp_path)
-    instance = template.with_name("remotefs@example.service")
-    shutil.copy(template, instance)
+    return tool
+
+
+def _assert_verified(tool: str, template: Path, instance: Path) -> None:
+    """`systemd-analyze verify` passes the template and an instance without a word on ours."""
     for unit in (template, instance):
         result = subprocess.run(
             [tool, "verify", "--man=no", str(unit)],
@@ -227,13 +230,27 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         assert not ours, f"systemd-analyze complains about the unit: {ours}"
 
 
-def test_unit_settings() -> None:
-    """What the unit must say; settings that would hide the mount from the host are absent."""
+def _unit_settings(unit: Path) -> dict[str, list[str]]:
+    """A unit file's ``KEY=value`` lines, every value of each key in order."""
     settings: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", "[")):
             key, value = line.split("=", 1)
             settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = _systemd_analyze()
+    template = _unit_for_this_machine(tmp_path)
+    instance = template.with_name("remotefs@example.service")
+    shutil.copy(template, instance)
+    _assert_verified(tool, template, instance)
+
+
+def test_unit_settings() -> None:
+    """What the unit must say; settings that would hide the mount from the host are absent."""
+    settings = _unit_settings(UNIT)
     assert settings["Type"] == ["notify"]
     assert settings["Restart"] == ["on-failure"]
     assert settings["EnvironmentFile"] == ["/etc/remotefs/%i.conf"]
@@ -299,12 +316,7 @@ SERVE_UNIT = ROOT / "systemd" / "remotefs-serve@.service"
 
 
 def test_serve_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        message = "systemd-analyze is missing (Debian package: systemd)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    tool = _systemd_analyze()
     wrapper = tmp_path / "bin" / "remotefs"
     wrapper.parent.mkdir()
     wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m remotefs \"$@\"\n")
@@ -317,26 +329,11 @@ def test_serve_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     template.write_text(text.replace("/usr/local/bin/remotefs ", f"{wrapper} "))
     instance = units / "remotefs-serve@example.service"
     shutil.copy(template, instance)
-    for unit in (template, instance):
-        result = subprocess.run(
-            [tool, "verify", "--man=no", str(unit)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        output = result.stdout + result.stderr
-        ours = [line for line in output.splitlines() if "remotefs" in line]
-        assert result.returncode == 0, output
-        assert not ours, f"systemd-analyze complains about the unit: {ours}"
+    _assert_verified(tool, template, instance)
 
 
 def test_serve_unit_settings() -> None:
-    settings: dict[str, list[str]] = {}
-    for line in SERVE_UNIT.read_text().splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, value = line.split("=", 1)
-            settings.setdefault(key, []).append(value)
+    settings = _unit_settings(SERVE_UNIT)
     assert settings["Type"] == ["notify"]
     assert settings["EnvironmentFile"] == ["-/etc/remotefs/%i.serve.conf"]
     assert "LISTEN=127.0.0.1:8080" in settings["Environment"]  # loopback by default
