@@ -14,41 +14,39 @@ import pytest
 from remotefs.config.options import MountOptions
 
 from .debs import DebBuilds
+from .kernel import GAPS, KERNEL
 from .mounting import MountFactory
 from .origin import Origin
+from .requirements import IN_CI, require_loop_mount, unavailable
 from .serving import ServeFactory
 from .virtual_origin import VirtualOrigin
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+__all__ = ["IN_CI"]
 
 
-def _fuse_problem() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not accessible"
-    return None
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per part of a test that did not run because the kernel lacks a feature."""
+    if not GAPS:
+        return
+    terminalreporter.section("parts not run: this machine's kernel lacks a feature")
+    for gap in dict.fromkeys(GAPS):
+        terminalreporter.line(gap.line())
 
 
 @pytest.fixture(scope="session")
 def fuse_available() -> None:
-    """FUSE tests need /dev/fuse: in CI its absence fails the run, elsewhere it skips."""
-    problem = _fuse_problem()
-    if problem is None:
-        return
-    if IN_CI:
-        pytest.fail(f"FUSE is required in CI: {problem}")
-    pytest.skip(f"FUSE not available: {problem}")
+    """FUSE tests need /dev/fuse: in CI its absence fails the run, elsewhere it skips (FUSE is
+    the one kernel feature the suite requires: tests/requirements.py)."""
+    problem = KERNEL.fuse_problem()
+    if problem is not None:
+        unavailable(f"FUSE is required: {problem}")
 
 
 @pytest.fixture(scope="session")
 def root_required() -> None:
     """Loop mounts need root: in CI its absence fails the run, elsewhere it skips."""
-    if os.geteuid() == 0:
-        return
-    if IN_CI:
-        pytest.fail("these tests need root (loop mounts)")
-    pytest.skip("needs root")
+    if os.geteuid() != 0:
+        unavailable("these tests need root (loop mounts)")
 
 
 @pytest.fixture
@@ -91,10 +89,7 @@ def need_tool(tool: str, package: str) -> str:
     found = shutil.which(tool)
     if found is not None:
         return found
-    message = f"{tool} is missing (Debian package {package}; scripts/setup.sh test installs it)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(f"{tool} is missing (Debian package {package}; scripts/setup.sh test installs it)")
 
 
 @pytest.fixture(scope="session")
@@ -161,6 +156,7 @@ def loop_ext4(tmp_path: Path, size: int) -> Iterator[Path]:
     For tests whose cache must live on a filesystem with known limits (ext4 holds files of
     at most 16 TiB - 4 KiB) or a small size (a full disk is a real full disk).
     """
+    require_loop_mount("ext4")
     image, where = tmp_path / "cachefs.img", tmp_path / "cachefs"
     with open(image, "wb") as handle:
         handle.truncate(size)

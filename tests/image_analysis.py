@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import trio
 
 from remotefs.formats import Budget, ImageReader, Layout, NoHint, analyse
 from remotefs.formats.layout import Range, merge
 
-from .conftest import IN_CI
 from .image_makers import missing_tools
+from .requirements import unavailable
 
 MiB = 1024 * 1024
 #: No parse of a test image may take longer than this (a hang is a failure, not a wait).
@@ -81,10 +80,7 @@ def require_image_tools() -> None:
     missing = missing_tools()
     if not missing:
         return
-    message = f"image tools missing: {', '.join(missing)} (scripts/setup.sh test installs them)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(f"image tools missing: {', '.join(missing)} (scripts/setup.sh test installs them)")
 
 
 def run(*command: str | Path) -> str:

@@ -266,14 +266,27 @@ def fstab(config: Record, recorder: Recorder) -> None:
     boot, mountpoint, automount = config["boot"], config["mountpoint"], config["automount"]
     mount_unit = config["mount_unit"]
     auto_unit = config["automount_unit"]
+    auto_mount_unit = auto_unit.replace(".automount", ".mount")
     origin = config["origin"]
     with recorder.step("at_boot") as record:
         record["fstype"] = mount_table().get(mountpoint)
         record["auto_fstype"] = mount_table().get(automount)
         record["mount_unit"] = unit_state(mount_unit)
         record["automount_unit"] = unit_state(auto_unit)
-        record["auto_mount_unit"] = unit_state(auto_unit.replace(".automount", ".mount"))
+        record["auto_mount_unit"] = unit_state(auto_mount_unit)
         record["failed"] = run("systemctl", "--failed", "--no-legend", "--plain")["out"]
+        # What systemd-fstab-generator made of the fstab lines, and whether systemd accepts it.
+        generated = [f"/run/systemd/generator/{unit}" for unit in (auto_unit, auto_mount_unit)]
+        record["generated"] = {
+            Path(path).name: Path(path).read_text() if Path(path).exists() else None
+            for path in generated
+        }
+        record["verify"] = run("systemd-analyze", "verify", "--man=no", *generated)
+        record["auto_mount_order"] = run(
+            "systemctl", "show", "--property=After", "--property=Wants", auto_mount_unit
+        )["out"]
+        # systemd starts automount units only where this node exists (the kernel's autofs).
+        record["dev_autofs"] = Path("/dev/autofs").exists()
 
     with recorder.step("read") as record:
         mark(origin, f"boot{boot}-read")
@@ -303,6 +316,15 @@ def fstab(config: Record, recorder: Recorder) -> None:
         mark(origin, f"boot{boot}-end")
 
     with recorder.step("automount") as record:
+        if not Path("/dev/autofs").exists():
+            # No autofs in the kernel: what a user sees when starting the automount, then the
+            # generated mount unit itself, started the way the first access would.
+            record["start_automount"] = run("systemctl", "start", auto_unit, timeout=60)
+            record["automount_unit"] = unit_state(auto_unit)
+            record["listing_before"] = (
+                sorted(os.listdir(automount)) if os.path.isdir(automount) else None
+            )
+            record["start_mount"] = run("systemctl", "start", auto_mount_unit, timeout=120)
         # The first access mounts it (listing the directory is an access). A failure is
         # recorded, not raised: the reboot's steps do not depend on it.
         try:
@@ -311,15 +333,9 @@ def fstab(config: Record, recorder: Recorder) -> None:
         except OSError as err:
             record["error"] = repr(err)
         record["fstype"] = mount_table().get(automount)
-        record["auto_mount_unit"] = unit_state(auto_unit.replace(".automount", ".mount"))
+        record["auto_mount_unit"] = unit_state(auto_mount_unit)
         record["journal"] = run(
-            "journalctl",
-            "--no-pager",
-            "-o",
-            "cat",
-            "-b",
-            "-u",
-            auto_unit.replace(".automount", ".mount"),
+            "journalctl", "--no-pager", "-o", "cat", "-b", "-u", auto_unit, "-u", auto_mount_unit
         )["out"]
 
 

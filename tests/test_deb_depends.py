@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import IN_CI
+from .requirements import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 DEB_DEPENDS = ROOT / "packaging" / "deb-depends.sh"
@@ -27,10 +27,7 @@ PYTHON_PACKAGE = f"python{sys.version_info[0]}.{sys.version_info[1]}"
 def tools() -> None:
     missing = [tool for tool in ("dpkg-shlibdeps", "gcc", "ldd") if shutil.which(tool) is None]
     if missing:
-        message = f"missing {', '.join(missing)} (scripts/setup.sh test installs dpkg-dev, gcc)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"missing {', '.join(missing)} (scripts/setup.sh test installs dpkg-dev, gcc)")
 
 
 def depends(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:

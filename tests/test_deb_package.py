@@ -22,9 +22,10 @@ import pytest
 
 from remotefs.cli import build_parser
 
-from .conftest import IN_CI, write_random
+from .conftest import write_random
 from .mounting import force_unmount, is_mounted
 from .origin import Origin
+from .requirements import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "packaging" / "build-deb.sh"
@@ -40,12 +41,6 @@ INSTALLED = {
     Path("/usr/share/doc/remotefs/serve-example.conf"),
 }
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-
-
-def _unavailable(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def run(*command: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -95,16 +90,16 @@ def roff_to_text(page: str) -> str:
 def packaging_tools() -> None:
     for tool in ("dpkg-deb", "apt-get", "dpkg-query"):
         if shutil.which(tool) is None:
-            _unavailable(f"{tool} is missing: the package cannot be built and installed")
+            unavailable(f"{tool} is missing: the package cannot be built and installed")
     if os.geteuid() != 0:
-        _unavailable("installing a package needs root")
+        unavailable("installing a package needs root")
 
 
 @pytest.fixture
 def clean_system(packaging_tools: None) -> Iterator[None]:
     """No remotefs package before; none after, whatever happened."""
     if package_installed() or VENV.exists():
-        _unavailable("a remotefs package (or /usr/lib/remotefs) is already installed here")
+        unavailable("a remotefs package (or /usr/lib/remotefs) is already installed here")
     try:
         yield
     finally:

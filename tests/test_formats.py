@@ -37,6 +37,7 @@ from .image_makers import (
     random_shape,
     write_tree,
 )
+from .requirements import require_loop_mount
 
 SMALL = TreeShape(files=40, min_size=10, max_size=400 * KiB, top_dirs=4, sub_dirs=3, seed=5)
 
@@ -214,6 +215,7 @@ def test_ext4_images_filled_through_a_mount_in_random_shapes(
     root_required: None, workdir: Path, seed: int
 ) -> None:
     """The kernel's allocator spreads directories over the groups: the shapes users have."""
+    require_loop_mount("ext4")
     shape = random_shape(seed, max_files=300, max_size=2 * MiB)
     flex = seed != 2
     path = workdir / f"mounted-{seed}.img"
@@ -578,6 +580,7 @@ def test_mbr_chain_of_extended_partitions_in_a_loop_ends() -> None:
 
 def test_a_budget_bounds_what_a_parse_reads(root_required: None, workdir: Path) -> None:
     """With a budget below its metadata, a parse stops at the budget."""
+    require_loop_mount("ext4")
     shape = TreeShape(files=2000, min_size=1, max_size=4 * KiB, top_dirs=30, sub_dirs=10)
     path = workdir / "many-inodes.img"
     make_ext4(path, 256 * MiB, shape)

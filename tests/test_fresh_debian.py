@@ -34,10 +34,11 @@ from pathlib import Path
 import pytest
 
 from .chroot import Chroot, copy_repository, fresh_chroot, mounts_under
-from .conftest import IN_CI, write_random
+from .conftest import write_random
 from .debs import DebBuilds
 from .origin import Origin
 from .readme import command_lines, readme_block
+from .requirements import require_overlay, unavailable
 
 REPO_IN_CHROOT = "/root/remotefs"
 #: What each release must give: its python3 and the libfuse3 package pyfuse3 links against.
@@ -61,25 +62,18 @@ def _suites() -> list[str]:
     return chosen
 
 
-def _unavailable(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture
 def host_tools(fuse_available: None) -> None:
     if os.geteuid() != 0:
-        _unavailable("a chroot needs root")
+        unavailable("a chroot needs root")
     missing = [
         tool
         for tool in ("debootstrap", "chroot", "mount", "umount", "losetup", "git")
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()
     ]
     if missing:
-        _unavailable(f"missing {', '.join(missing)} (scripts/setup.sh test installs them)")
-    if "overlay" not in Path("/proc/filesystems").read_text():
-        _unavailable("the kernel has no overlay filesystem")
+        unavailable(f"missing {', '.join(missing)} (scripts/setup.sh test installs them)")
+    require_overlay()
 
 
 def snapshot(chroot: Chroot) -> set[str]:

@@ -25,6 +25,7 @@ from .image_makers import KiB, MiB, TreeShape, make_ext4, make_iso, make_squashf
 from .loop_demand import digest, drop_page_cache, kernel_demand, loop_mount_run
 from .mounting import MountFactory
 from .origin import Origin
+from .requirements import require_loop_mount
 
 #: The issue's target: origin bytes at most this many times the kernel's own demand.
 DEMAND_FACTOR = 1.5
@@ -48,6 +49,7 @@ def test_a_loop_mounted_image_costs_at_most_1_5x_what_the_kernel_reads(
     seed: int,
 ) -> None:
     require_image_tools()
+    require_loop_mount("squashfs" if kind == "squashfs" else "ext4")
     rng = random.Random(seed)
     shape = TreeShape(
         files=rng.randint(150, 400),
@@ -234,6 +236,7 @@ def test_reading_every_file_of_an_image_takes_few_requests_and_no_more_than_the_
 ) -> None:
     """``find | xargs cat`` of a whole image: its files in parts, not one request each."""
     require_image_tools()
+    require_loop_mount("ext4")
     content = tmp_path / "content"
     shape = TreeShape(files=300, min_size=1000, max_size=150 * KiB, top_dirs=15, seed=31)
     plan = write_tree(content, shape)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .mounting import MountFactory
 from .origin import Origin
+from .requirements import require_loop_mount
 
 ZIP_MEMBERS = 10_500
 
@@ -56,6 +57,7 @@ def make_ext4_image(source: Path, image: Path) -> None:
 @contextlib.contextmanager
 def loop_mounted(image: Path, target: Path) -> Iterator[Path]:
     """`mount -o loop,ro` *image* on *target*; always unmounted (and the loop device freed)."""
+    require_loop_mount("ext4")
     target.mkdir()
     subprocess.run(["mount", "-o", "loop,ro", str(image), str(target)], check=True, timeout=60)
     try:

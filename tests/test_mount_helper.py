@@ -34,9 +34,10 @@ from remotefs.mount_helper import (
     split_options,
 )
 
-from .conftest import IN_CI, write_random
+from .conftest import write_random
 from .mounting import run_remotefs
 from .origin import Origin
+from .requirements import require_mount_namespaces, require_overlay, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,10 +178,9 @@ def _require_tools() -> None:
     if os.geteuid() != 0:
         missing.append("root")
     if missing:
-        message = f"mount(8) tests need: {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"mount(8) tests need: {', '.join(missing)}")
+    require_mount_namespaces()
+    require_overlay("mount(8) with the helper overlaid on /usr/sbin")
 
 
 class Namespace:

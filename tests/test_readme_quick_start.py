@@ -31,9 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import IN_CI, write_random
+from .conftest import write_random
 from .origin import Origin
 from .readme import readme_block
+from .requirements import require_loop_mount, require_mount_namespaces, unavailable
 
 PLACEHOLDER = "https://example.org"
 UNSHARE = ["unshare", "--mount", "--propagation", "private"]
@@ -58,12 +59,6 @@ if mountpoint -q /mnt/remote || mountpoint -q /mnt/disk; then
     exit 1
 fi
 """
-
-
-def _unavailable(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _remotefs_command(bin_dir: Path) -> None:
@@ -122,7 +117,9 @@ def test_readme_quick_start_runs_as_written(
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()
     ]
     if missing:
-        _unavailable(f"the quick start needs {', '.join(missing)} (scripts/setup.sh test)")
+        unavailable(f"the quick start needs {', '.join(missing)} (scripts/setup.sh test)")
+    require_mount_namespaces()
+    require_loop_mount("ext4", "the quick start (its block loop-mounts disk.img)")
 
     block = readme_block("quick-start")
     urls = re.findall(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", block)
@@ -189,7 +186,7 @@ def test_readme_serve_example_runs_as_written(
     """
     missing = [tool for tool in ("curl", "od", "sha256sum") if shutil.which(tool) is None]
     if missing:
-        _unavailable(f"the serve example needs {', '.join(missing)} (scripts/setup.sh test)")
+        unavailable(f"the serve example needs {', '.join(missing)} (scripts/setup.sh test)")
     facts = _serve_the_block_files(origin_root, tmp_path)
     local = f"http://{origin.host}:{origin.port}"
     heredoc = re.search(

@@ -26,9 +26,10 @@ import pytest
 from remotefs.daemon.process import wait_for_exit
 from remotefs.units import human_size
 
-from .conftest import IN_CI, write_random
+from .conftest import write_random
 from .mounting import REMOTEFS, MountFactory, force_unmount, is_mounted
 from .origin import Origin
+from .requirements import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "remotefs@.service"
@@ -207,10 +208,7 @@ def _systemd_analyze() -> str:
     """The systemd-analyze binary; a failure in CI, a skip elsewhere, when it is missing."""
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        message = "systemd-analyze is missing (Debian package: systemd)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("systemd-analyze is missing (Debian package: systemd)")
     return tool
 
 

@@ -13,13 +13,20 @@ import re
 import stat
 from pathlib import Path
 
+#: The kernel's mount table as this process sees it (tests pass a fake one).
+MOUNT_TABLE = Path("/proc/self/mounts")
+
 
 class MountpointError(Exception):
     """The mountpoint cannot be used; the message says why and what to do."""
 
 
-def check_mountpoint(path: Path) -> Path:
-    """Return the absolute mountpoint after checking it is an empty, unmounted directory."""
+def check_mountpoint(path: Path, mount_table: Path = MOUNT_TABLE) -> Path:
+    """Return the absolute mountpoint after checking it is an empty, unmounted directory.
+
+    An autofs mount there is accepted: it is systemd's automount point (x-systemd.automount),
+    and mounting on top of it is what the automount waits for.
+    """
     absolute = Path(os.path.abspath(path))
     try:
         info = os.stat(absolute)
@@ -39,9 +46,7 @@ def check_mountpoint(path: Path) -> Path:
         if err.errno == errno.ENOTCONN:
             raise MountpointError(_stale(absolute)) from None
         raise MountpointError(f"mountpoint {absolute}: {err.strerror}") from None
-    if str(absolute) in mounted_paths() and mount_types().get(str(absolute)) != "autofs":
-        # An autofs mount is systemd's automount point (x-systemd.automount): the mount
-        # goes on top of it, which is what the automount waits for.
+    if mount_types(mount_table).get(str(absolute), "autofs") != "autofs":
         raise MountpointError(
             f"mountpoint {absolute} is already a mount point; unmount it first:"
             f" remotefs unmount {absolute}"
@@ -64,37 +69,27 @@ def _stale(path: Path) -> str:
     )
 
 
-def mounted_paths() -> set[str]:
-    """Mountpoints listed in /proc/self/mounts, octal escapes (``\\040``) decoded.
+def mount_types(table: Path = MOUNT_TABLE) -> dict[str, str]:
+    """The filesystem type of the topmost mount at each mountpoint of *table*.
 
-    The mount table is the reliable source: `os.path.ismount` says False for a stale FUSE
-    mount, whose every stat call fails.
+    Mountpoints have their octal escapes (``\\040``) decoded. The mount table is the reliable
+    source: `os.path.ismount` says False for a stale FUSE mount, whose every stat call fails.
     """
     try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
-            lines = table.read().splitlines()
+        with open(table, encoding="utf-8", errors="surrogateescape") as lines:
+            rows = [line.split(" ") for line in lines.read().splitlines()]
     except OSError:
-        return set()
+        return {}
     return {
-        _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[1])
-        for line in lines
-        if line.count(" ") >= 2
+        _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]): fields[2]
+        for fields in rows
+        if len(fields) >= 3
     }
 
 
-def mount_types() -> dict[str, str]:
-    """The filesystem type of the topmost mount at each mountpoint (/proc/self/mounts)."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
-            lines = table.read().splitlines()
-    except OSError:
-        return {}
-    types: dict[str, str] = {}
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) >= 3:
-            types[_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])] = fields[2]
-    return types
+def mounted_paths(table: Path = MOUNT_TABLE) -> set[str]:
+    """Mountpoints listed in *table*, octal escapes decoded."""
+    return set(mount_types(table))
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
