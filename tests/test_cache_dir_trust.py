@@ -59,9 +59,9 @@ def test_a_cache_dir_made_by_another_user_is_refused(
     code, stderr, mnt = mount_command(tmp_path, cache, virtual_origin.url("a.bin"))
     assert code == 1
     assert stderr == (
-        f"remotefs: refusing the cache directory {cache} is owned by nobody (uid {NOBODY}),"
-        " not by root (uid 0) or root, so its owner could plant files in it; use a directory"
-        f" you own (or: chown 0 {cache})\n"
+        f"remotefs: refusing the cache directory {cache}: it is owned by nobody (uid {NOBODY}),"
+        " not by root, so that user could plant or swap files in it; use a directory you own,"
+        f" or take it over: chown 0 {cache}\n"
     )
     assert not is_mounted(mnt)
     assert os.listdir(cache) == []  # nothing created in it
@@ -92,8 +92,8 @@ def test_a_cache_dir_others_may_write_to_is_refused(
     code, stderr, mnt = mount_command(tmp_path, cache, virtual_origin.url("a.bin"))
     assert code == 1
     assert stderr == (
-        f"remotefs: refusing the cache directory {cache} is writable by {who}, who could plant"
-        f" files in it; fix it with: chmod go-w {cache}\n"
+        f"remotefs: refusing the cache directory {cache}: it is writable by {who}, who could"
+        f" plant or swap files in it; fix it with: chmod go-w {cache}\n"
     )
     assert not is_mounted(mnt)
 
@@ -108,9 +108,9 @@ def test_a_planted_lock_symlink_is_refused_and_not_followed(
     code, stderr, mnt = mount_command(tmp_path, cache, virtual_origin.url("a.bin"))
     assert code == 1
     assert stderr == (
-        f"remotefs: refusing the cache directory: {cache / 'lock'}: lock is a symbolic link;"
-        " remotefs never follows one here; remove it (remotefs never follows links in its"
-        " cache directory)\n"
+        f"remotefs: refusing the cache directory {cache}: {cache / 'lock'} is a symbolic link;"
+        " remotefs never follows one here; what is there cannot be trusted, so remove it"
+        f" (rm -rf {cache / 'lock'}) or use another cache directory\n"
     )
     assert untouched(precious)
     assert not is_mounted(mnt)
@@ -148,7 +148,7 @@ def test_a_log_file_in_a_directory_others_may_write_to_is_refused(
         str(shared / "r.log"),
     )
     assert code == 1
-    assert f"log directory {shared} is writable by its group and others" in stderr
+    assert f"log directory {shared}: it is writable by its group and others" in stderr
     assert not (shared / "r.log").exists()
 
 

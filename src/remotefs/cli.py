@@ -23,8 +23,8 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .cache.safe_fs import UnsafePathError, check_private_dir
-from .cache.store import CacheDirError
+from .cache.safe_fs import UnsafePathError
+from .cache.store import CacheDirError, check_cache_dir
 from .config.manifest import (
     HeaderError,
     ManifestEntry,
@@ -286,11 +286,9 @@ def _start_daemon(
         if mountpoint is not None:
             check_fuse_device()
             check_unprivileged_mount(options.allow_other)
-        check_private_dir(options.cache_dir)
-    except PreflightError as err:
+        check_cache_dir(options.cache_dir)
+    except (PreflightError, CacheDirError) as err:
         return _fail(str(err), 1)
-    except UnsafePathError as err:
-        return _fail(f"refusing the {err.strerror}", 1)
 
     source = os.path.abspath(args.urls)  # the mount's source in the mount table, as in fstab
     what = "mount" if mountpoint is not None else "serve"

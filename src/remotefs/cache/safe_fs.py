@@ -10,6 +10,10 @@ root would write through it or serve it. Two rules, as ssh's StrictModes has the
   writable by group or others; the same for each parent up to and including the first
   directory owned by root (a root-owned sticky directory such as /tmp is fine: others cannot
   replace what is in it). A symlink on the way must be owned by the user or root too.
+* **Trust nothing below it that is not the user's own.** Every directory under it (``files/``
+  and each entry) is checked as it is opened (`check_own_dir`, on the descriptor): owned by
+  the user, writable by nobody else. Ownership of the top alone is not enough: a user who made
+  ``files/`` or an entry directory could swap two entries' data files, root-owned as they are.
 * **Never follow a link inside it.** Every file and directory under the cache directory is
   opened relative to its parent's descriptor with ``O_NOFOLLOW``; a symlink there fails with
   ELOOP (reported as `UnsafePathError`) instead of being followed.
@@ -41,18 +45,55 @@ def _owner_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _check_owner_and_mode(directory: Path, info: os.stat_result, subject: str) -> None:
+def _trusted_owners() -> str:
+    """Who may own a trusted directory, as the end of a sentence."""
+    euid = os.geteuid()
+    return "root" if euid == 0 else f"{_owner_name(euid)} or root"
+
+
+def _is_empty(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
+def _fix_for(directory: Path, cheap_fix: str) -> str:
+    """The advice for a directory someone else could write to.
+
+    An empty one is fixed in place (*cheap_fix*). A non-empty one never is: its owner (or
+    group) may already have planted or swapped files in it, and ``chown -R`` would make those
+    the user's own. Removing it, or using another one, is the only advice that closes the hole.
+    """
+    if _is_empty(directory):
+        return cheap_fix
+    return (
+        f"what is in it cannot be trusted, so remove it (rm -rf {directory}) or use another"
+        " directory"
+    )
+
+
+def _check_owner_and_mode(path: Path, directory: Path, info: os.stat_result, what: str) -> None:
     """Raise unless *directory* is owned by the user or root and only they may write to it.
 
-    *subject* opens the message: the directory the user named, and which one is wrong.
+    *path* is the directory the user named (as *what*); *directory* is it or a parent of it.
     """
+    itself = directory == Path(os.path.realpath(path))
+    subject = f"{what} {path}: " + ("it" if itself else f"its parent {directory}")
     euid = os.geteuid()
     if info.st_uid not in (euid, 0):
+        fix = (
+            _fix_for(
+                directory, f"use a directory you own, or take it over: chown {euid} {directory}"
+            )
+            if itself
+            else f"use a {what} whose parents only {_trusted_owners()} can write to"
+        )
         raise UnsafePathError(
             errno.EPERM,
-            f"{subject} is owned by {_owner_name(info.st_uid)}, not by {_owner_name(euid)}"
-            " or root, so its owner could plant files in it; use a directory you own"
-            f" (or: chown {euid} {directory})",
+            f"{subject} is owned by {_owner_name(info.st_uid)}, not by {_trusted_owners()},"
+            f" so that user could plant or swap files in it; {fix}",
         )
     writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     sticky_root = info.st_uid == 0 and info.st_mode & stat.S_ISVTX
@@ -60,10 +101,11 @@ def _check_owner_and_mode(directory: Path, info: os.stat_result, subject: str) -
         who = {stat.S_IWGRP: "its group", stat.S_IWOTH: "others"}.get(
             writable, "its group and others"
         )
+        cheap = f"fix it with: chmod go-w {directory}"
         raise UnsafePathError(
             errno.EPERM,
-            f"{subject} is writable by {who}, who could plant files in it;"
-            f" fix it with: chmod go-w {directory}",
+            f"{subject} is writable by {who}, who could plant or swap files in it;"
+            f" {_fix_for(directory, cheap) if itself else cheap}",
         )
 
 
@@ -71,8 +113,8 @@ def check_private_dir(path: Path, what: str = "cache directory") -> None:
     """Refuse *path* unless it and its parents are safe (see the module docstring).
 
     *path* may not exist yet: its missing part is created later by the daemon (0700), and
-    its existing ancestors are checked. Raises `UnsafePathError` with a message that says
-    why and how to fix it.
+    its existing ancestors are checked. Raises `UnsafePathError` whose message is one
+    sentence that names *what* and *path*, says why, and gives a fix that leaves no hole.
     """
     absolute = Path(os.path.abspath(path))
     # Symlinks on the way are the user's own choice only if the user (or root) made them.
@@ -102,28 +144,60 @@ def check_private_dir(path: Path, what: str = "cache directory") -> None:
             continue  # created later by the daemon (or a file on the way, refused below)
         if not stat.S_ISDIR(info.st_mode):
             raise UnsafePathError(errno.ENOTDIR, f"{what} {path}: {directory} is not a directory")
-        subject = (
-            f"{what} {path}" if directory == real else f"{what} {path}: its parent {directory}"
-        )
-        _check_owner_and_mode(directory, info, subject)
+        _check_owner_and_mode(path, directory, info, what)
         if not first and info.st_uid == 0:
             return  # the first root-owned parent: above it, only root can change anything
         first = False
 
 
-def open_dir(name: str | Path, *, dir_fd: int | None = None, create: bool = False) -> int:
-    """A descriptor of directory *name* (relative to *dir_fd*), never through a symlink."""
+def check_own_dir(fd: int, name: str | Path) -> None:
+    """Refuse the directory open at *fd* unless the user owns it and only the user may write.
+
+    For every directory below the cache directory (``files/`` and each entry): the daemon
+    made them all, so any other owner, or write access for others, means someone else could
+    have swapped what is in them. Raises `UnsafePathError` naming *name*.
+    """
+    info = os.fstat(fd)
+    euid = os.geteuid()
+    if info.st_uid != euid:
+        raise UnsafePathError(
+            errno.EPERM,
+            f"{name} is owned by {_owner_name(info.st_uid)}, not by {_owner_name(euid)},"
+            " so that user could swap what is in it",
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePathError(
+            errno.EPERM,
+            f"{name} is writable by others than {_owner_name(euid)}, who could swap what is in it",
+        )
+
+
+def open_dir(
+    name: str | Path, *, dir_fd: int | None = None, create: bool = False, own: bool = False
+) -> int:
+    """A descriptor of directory *name* (relative to *dir_fd*), never through a symlink.
+
+    With *own*, the directory must also pass `check_own_dir` (the user's, nobody else may
+    write to it), checked on the descriptor itself so nothing can be swapped in between.
+    """
     if create:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=dir_fd)
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENOTDIR):
             raise UnsafePathError(
                 err.errno, f"{name} is not a directory (a symbolic link is never followed)"
             ) from None
         raise
+    if own:
+        try:
+            check_own_dir(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def open_file(
@@ -150,6 +224,8 @@ def open_file(
             raise UnsafePathError(
                 errno.EPERM, f"{name} is owned by {_owner_name(info.st_uid)}, not by you"
             )
+        if regular and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafePathError(errno.EPERM, f"{name} is writable by others than you")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -18,9 +18,13 @@ is discarded: its bytes belong to another version of the file.
 
 The directory is trusted only if the daemon's user owns it (`safe_fs.check_private_dir`), and
 everything in it is opened relative to a directory descriptor with ``O_NOFOLLOW``: a planted
-symlink is never followed. A symlink found where an entry or one of its files should be is
-removed (the link, never its target) and the entry starts afresh. An entry that cannot be read
-for any other reason (EMFILE, EIO, EACCES) is reported, never taken for damage and deleted.
+symlink is never followed. ``files/`` and every entry directory must be the user's own and
+writable by nobody else, checked on the open descriptor. A ``files/`` that is not refuses the
+whole cache directory (someone else held every entry). An entry directory that is not, or a
+symlink found where an entry or one of its files should be, is removed (the link, never its
+target) and the entry starts afresh: one planted entry must not take 100,000 good ones down.
+An entry that cannot be read for any other reason (EMFILE, EIO, EACCES) is reported, never
+taken for damage and deleted.
 """
 
 from __future__ import annotations
@@ -109,10 +113,7 @@ class CacheStore:
         Waits up to *wait* seconds for the lock, because a daemon that was just unmounted may
         still be saving its state; after that, the directory is reported as in use.
         """
-        try:
-            safe_fs.check_private_dir(self.root)
-        except safe_fs.UnsafePathError as err:
-            raise CacheDirError(f"refusing the {err.strerror}") from None
+        check_cache_dir(self.root)
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             self._root_fd = safe_fs.open_dir(os.path.realpath(self.root))
@@ -126,7 +127,7 @@ class CacheStore:
             )
         except OSError as err:
             self.close()
-            raise CacheDirError(_unusable(self.root / LOCK_NAME, err)) from None
+            raise CacheDirError(_unusable(self.root, LOCK_NAME, err)) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -146,12 +147,14 @@ class CacheStore:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
-            self._files_fd = safe_fs.open_dir(FILES_NAME, dir_fd=self._root_fd, create=True)
+            self._files_fd = safe_fs.open_dir(
+                FILES_NAME, dir_fd=self._root_fd, create=True, own=True
+            )
             self._keys = {name for name in os.listdir(self._files_fd) if not name.startswith(".")}
             self._check_writable()
         except OSError as err:
             self.close()
-            raise CacheDirError(_unusable(self.root / FILES_NAME, err)) from None
+            raise CacheDirError(_unusable(self.root, FILES_NAME, err)) from None
 
     def _check_writable(self) -> None:
         name = ".write-test"
@@ -191,13 +194,13 @@ class CacheStore:
     def opened_entry(self, key: str, *, create: bool = False) -> Iterator[int]:
         """A descriptor of entry directory *key* (created if *create*), never via a link."""
         try:
-            fd = safe_fs.open_dir(key, dir_fd=self._files_fd, create=create)
-        except safe_fs.UnsafePathError:
+            fd = safe_fs.open_dir(key, dir_fd=self._files_fd, create=create, own=True)
+        except safe_fs.UnsafePathError as err:
             if not create:
                 raise
-            log.warning("%s was not a directory; replaced", self.entry_path(key))
+            log.warning("%s cannot be trusted (%s); replaced", self.entry_path(key), err.strerror)
             safe_fs.remove_entry(key, dir_fd=self._files_fd)
-            fd = safe_fs.open_dir(key, dir_fd=self._files_fd, create=True)
+            fd = safe_fs.open_dir(key, dir_fd=self._files_fd, create=True, own=True)
         self._keys.add(key)
         try:
             yield fd
@@ -222,7 +225,15 @@ class CacheStore:
             meta = decode_meta(data, self.entry_path(key) / META_NAME)
         except FileNotFoundError:
             return None
-        except (CorruptStateError, safe_fs.UnsafePathError) as err:
+        except safe_fs.UnsafePathError as err:
+            log.warning(
+                "cache of %s cannot be trusted (%s); it is removed and starts empty",
+                redact_url(url),
+                err.strerror,
+            )
+            self._discard(key)
+            return None
+        except CorruptStateError as err:
             log.warning("cache of %s is damaged (%s); it is reset", redact_url(url), err)
             self._discard(key)
             return None
@@ -237,9 +248,17 @@ class CacheStore:
         return meta
 
     def _discard(self, key: str) -> None:
-        """Remove an entry directory (links in it are removed, never followed)."""
-        with contextlib.suppress(FileNotFoundError):
+        """Remove an entry directory (links in it are removed, never followed).
+
+        One that cannot be removed (another user's directory, for a daemon that is not root)
+        is logged and left; it is never opened again (`opened_entry` refuses it).
+        """
+        try:
             safe_fs.remove_entry(key, dir_fd=self._files_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("cannot remove %s: %s", self.entry_path(key), err.strerror or err)
         self._keys.discard(key)
 
     def load_entry(self, url: str) -> StoredEntry | None:
@@ -475,13 +494,44 @@ class CacheStore:
         safe_fs.atomic_write(CATALOG_NAME, encode_catalog(records), dir_fd=self._root_fd)
 
 
-def _unusable(path: Path, err: OSError) -> str:
+def check_cache_dir(root: Path) -> None:
+    """Refuse *root* as a cache directory unless it and what it holds can be trusted.
+
+    The directory and its parents (`safe_fs.check_private_dir`), and an existing ``files/``,
+    which must be the user's own: whoever could write to it could have swapped the entries.
+    Run by the command before it writes anything (the log file included), so a refusal leaves
+    nothing behind; `CacheStore.open` checks again on the descriptors it opens. Raises
+    `CacheDirError` with one sentence that says why and what to do.
+    """
+    try:
+        safe_fs.check_private_dir(root)
+    except safe_fs.UnsafePathError as err:
+        raise CacheDirError(f"refusing the {err.strerror}") from None
+    try:
+        fd = safe_fs.open_dir(root / FILES_NAME, own=True)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        if isinstance(err, NotADirectoryError):
+            raise CacheDirError(_unusable(root, FILES_NAME, err)) from None
+        return
+    except OSError as err:
+        raise CacheDirError(_unusable(root, FILES_NAME, err)) from None
+    os.close(fd)
+
+
+def _unusable(root: Path, name: str, err: OSError) -> str:
+    """One sentence for a file or directory *name* of the cache directory that cannot be used.
+
+    An unsafe one (a link, another owner) is never fixed in place: what it holds may have been
+    planted, so the advice is to remove it.
+    """
+    path = root / name
     if isinstance(err, safe_fs.UnsafePathError):
+        reason = (err.strerror or str(err)).removeprefix(f"{path} ").removeprefix(f"{name} ")
         return (
-            f"refusing the cache directory: {path}: {err.strerror}; remove it"
-            " (remotefs never follows links in its cache directory)"
+            f"refusing the cache directory {root}: {path} {reason}; what is there cannot be"
+            f" trusted, so remove it (rm -rf {path}) or use another cache directory"
         )
-    return f"cache directory: {path}: {err.strerror or err}"
+    return f"cache directory {root}: {path}: {err.strerror or err}"
 
 
 def convert_bitmap(old: BitMap, old_size: int, new_size: int, file_size: int) -> BitMap:
