@@ -258,7 +258,8 @@ def run_cli_as(uid: int, args: list[str]) -> tuple[int, str]:
         try:
             os.close(read)
             os.dup2(write, 2)
-            sys.stderr = open(2, "w", closefd=False)  # pytest's capture is not fd 2
+            # pytest's capture is not fd 2; the child ends with os._exit, after a flush.
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)

@@ -79,6 +79,17 @@ class FreeSpaceReserve:
         )
         return False
 
+    def could_hold(self, need: int) -> bool:
+        """True when *need* more bytes would fit above the reserve now (nothing remembered).
+
+        For deciding whether to start a whole fill at all, where `room_for` decides each chunk.
+        """
+        try:
+            free, _ = self._space()
+        except OSError:
+            return False
+        return free - self.claimed - need >= self.reserve
+
     def _pause(self, reason: str) -> None:
         if self.paused is None:
             log.warning("background downloads paused: %s", reason)

@@ -12,6 +12,12 @@ fill at once (`BlockFetcher.pause_fill`); every whole block already stored is ke
 that fails is backed off (doubling up to five minutes) rather than hammered. Under a cache cap
 fill only starts a chunk while the cache has room for it: it does not push out blocks that
 were read in order to complete files.
+
+Fill only what can be kept: a file is never filled when it is larger than the cache cap
+(``--cache-max-size``: it could never be complete), or when the bytes it still lacks exceed
+the free space above the reserve. Any door can open a file (one byte asked of ``remotefs
+serve`` opens it), so this is what bounds what a client's request can make the daemon
+download: the bytes it asked for, their readahead, and at most a file that fits.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import trio
 
 from ..config.options import MiB, MountOptions
 from ..http.errors import HttpSourceError
+from ..units import human_size
 from .cached_file import CachedFile, FileRetiredError
 from .disk_space import RECHECK_INTERVAL, FreeSpaceReserve
 from .fetcher import BlockFetcher, FillPaused
@@ -61,6 +68,8 @@ class Filler:
         self._reserve = reserve
         self._revalidator = revalidator
         self._backoff: dict[CachedFile, tuple[float, float]] = {}  # file -> (until, delay)
+        #: Names of files left unfilled because they do not fit (each logged once).
+        self._too_large: set[str] = set()
 
     def _next_file(self) -> CachedFile | None:
         now = trio.current_time()
@@ -76,9 +85,32 @@ class Filler:
             budget = self._fetcher.budget
             if budget is not None and not budget.has_room(FILL_CHUNK):
                 return None  # the cache is full: fill waits until a cap leaves room
+            misfit = self._misfit(file)
+            if misfit is not None:
+                if file.key not in self._too_large:
+                    self._too_large.add(file.key)
+                    log.info("%s: not completed in the background: %s", file.name, misfit)
+                continue
+            self._too_large.discard(file.key)
             until, _ = self._backoff.get(file, (0.0, 0.0))
             if until <= now:
                 return file
+        return None
+
+    def _misfit(self, file: CachedFile) -> str | None:
+        """Why *file* cannot be kept whole in the cache, or None when it can."""
+        budget = self._fetcher.budget
+        if budget is not None and file.size > budget.cap:
+            return (
+                f"it is larger ({human_size(file.size)}) than the cache cap"
+                f" ({human_size(budget.cap)}, --cache-max-size)"
+            )
+        missing = file.size - file.cached_bytes
+        if self._reserve is not None and not self._reserve.could_hold(missing):
+            return (
+                f"the {human_size(missing)} it lacks do not fit in the cache filesystem's free"
+                f" space above its reserve ({human_size(self._reserve.reserve)}, --min-free)"
+            )
         return None
 
     async def run(self) -> None:
