@@ -17,6 +17,7 @@ from .debs import DebBuilds
 from .kernel import GAPS, KERNEL
 from .mounting import MountFactory
 from .origin import Origin
+from .other_users import local_users, sticky_dir
 from .requirements import IN_CI, require_loop_mount, unavailable
 from .serving import ServeFactory
 from .virtual_origin import VirtualOrigin
@@ -40,6 +41,20 @@ def fuse_available() -> None:
     problem = KERNEL.fuse_problem()
     if problem is not None:
         unavailable(f"FUSE is required: {problem}")
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[dict[str, int]]:
+    """Two real local users, an attacker and a victim: their uids (tests/other_users.py)."""
+    with local_users() as uids:
+        yield uids
+
+
+@pytest.fixture
+def sticky_tmp() -> Iterator[Path]:
+    """A root-owned sticky directory everyone may write to, as /tmp is (removed after)."""
+    with sticky_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

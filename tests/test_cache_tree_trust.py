@@ -12,87 +12,17 @@ the other's.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
-import shutil
 import subprocess
-import sys
-import tempfile
-import traceback
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from remotefs.cache.store import CacheStore
 
 from .mounting import MountFactory, is_mounted, run_remotefs
 from .origin import Origin
-from .requirements import unavailable
+from .other_users import ATTACKER, VICTIM, as_user, run_cli_as
 
-ATTACKER = "rfs-attacker"
-VICTIM = "rfs-victim"
 SIZE = 300 * 1024 + 5  # a few blocks; both files the same size, as a swap needs
-
-
-def _user(name: str) -> int:
-    """The uid of *name*, made as a system user when missing (removed by `users`)."""
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(name).pw_uid
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-    )
-    return pwd.getpwnam(name).pw_uid
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[dict[str, int]]:
-    """The attacker's and the victim's uids (real accounts, made here and removed after)."""
-    if os.geteuid() != 0:
-        unavailable("these tests need root (they make users and mount as root)")
-    for tool in ("useradd", "userdel", "runuser"):
-        if shutil.which(tool) is None:
-            unavailable(f"{tool} is missing (Debian packages passwd and util-linux)")
-    existed = {name for name in (ATTACKER, VICTIM) if _exists(name)}
-    try:
-        yield {name: _user(name) for name in (ATTACKER, VICTIM)}
-    finally:
-        for name in (ATTACKER, VICTIM):
-            if name not in existed:
-                subprocess.run(["userdel", name], capture_output=True, check=False)
-
-
-def _exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A root-owned sticky directory that everyone may write to, as /tmp is: where the attacker
-    can make a cache directory before root does."""
-    path = Path(tempfile.mkdtemp(prefix="remotefs-trust-", dir="/tmp"))
-    path.chmod(0o1777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def as_user(user: str, *command: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["runuser", "-u", user, "--", *map(str, command)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def plant_cache(cache: Path, urls: list[str], *, files_mode: int = 0o755) -> list[Path]:
@@ -126,15 +56,15 @@ def read_all(mount_path: Path, data: dict[str, bytes]) -> dict[str, bool]:
 
 def test_old_advice_followed_the_mount_is_refused_and_the_new_advice_closes_the_hole(
     users: dict[str, int],
-    base: Path,
+    sticky_tmp: Path,
     origin: Origin,
     origin_root: Path,
     remotefs: MountFactory,
 ) -> None:
     urls, data = two_files(origin, origin_root)
-    cache = base / "cache"
+    cache = sticky_tmp / "cache"
     entries = plant_cache(cache, urls)
-    mountpoint = base / "mnt"
+    mountpoint = sticky_tmp / "mnt"
     mountpoint.mkdir()
     listing = remotefs.write_urls(urls, "trust.txt")
 
@@ -180,7 +110,7 @@ def test_old_advice_followed_the_mount_is_refused_and_the_new_advice_closes_the_
 
 def test_entry_directories_of_another_user_are_replaced_before_anything_is_written(
     users: dict[str, int],
-    base: Path,
+    sticky_tmp: Path,
     origin: Origin,
     origin_root: Path,
     remotefs: MountFactory,
@@ -188,13 +118,13 @@ def test_entry_directories_of_another_user_are_replaced_before_anything_is_writt
     """files/ is root's but traversable, the two entries are the attacker's: root's daemon
     must not write into them, so the swap after the unmount has nothing to swap."""
     urls, data = two_files(origin, origin_root)
-    cache = base / "cache"
+    cache = sticky_tmp / "cache"
     entries = plant_cache(cache, urls)
     os.chown(cache, 0, 0)
     os.chown(cache / "files", 0, 0)
     (cache / "files").chmod(0o711)  # root's, not writable by others: it passes the check
 
-    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=base / "mnt")
+    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=sticky_tmp / "mnt")
     assert read_all(mount.path, data) == {"a.bin": True, "b.bin": True}
     mount.unmount()
     for entry in entries:
@@ -206,13 +136,13 @@ def test_entry_directories_of_another_user_are_replaced_before_anything_is_writt
     assert log.count("cannot be trusted") == 2, log[-3000:]
     assert f"is owned by {ATTACKER} (uid {users[ATTACKER]})" in log
 
-    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=base / "mnt")
+    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=sticky_tmp / "mnt")
     assert read_all(mount.path, data) == {"a.bin": True, "b.bin": True}
 
 
 def test_entries_another_user_could_write_to_are_never_served(
     users: dict[str, int],
-    base: Path,
+    sticky_tmp: Path,
     origin: Origin,
     origin_root: Path,
     remotefs: MountFactory,
@@ -222,10 +152,10 @@ def test_entries_another_user_could_write_to_are_never_served(
     into them), the attacker swaps the data, and the next mount must still serve the
     origin's bytes: the untrusted entries are dropped, and fetched again."""
     urls, data = two_files(origin, origin_root)
-    cache = base / "cache"
+    cache = sticky_tmp / "cache"
     cache.mkdir(mode=0o755)
     (cache / "files").mkdir(mode=0o711)
-    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=base / "mnt")
+    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=sticky_tmp / "mnt")
     assert read_all(mount.path, data) == {"a.bin": True, "b.bin": True}
     mount.unmount()
     # What the earlier version left: root's files in the attacker's directories.
@@ -236,55 +166,22 @@ def test_entries_another_user_could_write_to_are_never_served(
     assert attempt.returncode == 0, attempt.stderr  # the attacker really swapped them
 
     origin.reset_counters()
-    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=base / "mnt")
+    mount = remotefs.mount(urls, cache_dir=cache, mountpoint=sticky_tmp / "mnt")
     assert read_all(mount.path, data) == {"a.bin": True, "b.bin": True}
     # Both entries were dropped and their bytes fetched again from the origin.
     assert origin.bytes_served("/a.bin") >= SIZE and origin.bytes_served("/b.bin") >= SIZE
     assert mount.log_text().count("cannot be trusted") == 2
 
 
-def run_cli_as(uid: int, args: list[str]) -> tuple[int, str]:
-    """``remotefs ARGS`` run by user *uid*: its exit code and what it printed on stderr.
-
-    In a forked child of this process, whose Python is already loaded: the user could not
-    start root's interpreter (it lives under /root).
-    """
-    from remotefs import cli
-
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 99
-        try:
-            os.close(read)
-            os.dup2(write, 2)
-            # pytest's capture is not fd 2; the child ends with os._exit, after a flush.
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            code = cli.main(args)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "r") as output:
-        text = output.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), text
-
-
 def test_a_non_root_user_is_refused_a_cache_dir_another_user_made(
-    users: dict[str, int], base: Path, origin: Origin, origin_root: Path
+    users: dict[str, int], sticky_tmp: Path, origin: Origin, origin_root: Path
 ) -> None:
     """The same rule for a daemon that is not root (serving: no FUSE needed): the sentence
     names the user, and the cache directory is left as it was."""
     urls, _ = two_files(origin, origin_root)
-    cache = base / "cache"
+    cache = sticky_tmp / "cache"
     plant_cache(cache, urls)
-    listing = base / "urls.txt"
+    listing = sticky_tmp / "urls.txt"
     listing.write_text("\n".join(urls) + "\n")
     code, stderr = run_cli_as(
         users[VICTIM],
@@ -302,19 +199,19 @@ def test_a_non_root_user_is_refused_a_cache_dir_another_user_made(
 
 
 def test_a_non_root_user_is_refused_a_files_dir_another_user_made(
-    users: dict[str, int], base: Path, origin: Origin, origin_root: Path
+    users: dict[str, int], sticky_tmp: Path, origin: Origin, origin_root: Path
 ) -> None:
     """The victim's own cache directory, once open to others and then closed with
     ``chmod go-w`` while the attacker's files/ stayed in it: refused, not used."""
     urls, _ = two_files(origin, origin_root)
-    cache = base / "cache"
+    cache = sticky_tmp / "cache"
     cache.mkdir(mode=0o777)
     cache.chmod(0o777)
     os.chown(cache, users[VICTIM], users[VICTIM])
     plant = as_user(ATTACKER, "mkdir", "-m", "755", cache / "files")
     assert plant.returncode == 0, plant.stderr
     cache.chmod(0o755)
-    listing = base / "urls.txt"
+    listing = sticky_tmp / "urls.txt"
     listing.write_text("\n".join(urls) + "\n")
     code, stderr = run_cli_as(
         users[VICTIM],

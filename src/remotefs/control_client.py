@@ -55,18 +55,25 @@ class ClientError(Exception):
 # -- finding mounts and their daemons ----------------------------------------------------------
 
 
-def remotefs_mounts() -> list[str]:
-    """Mountpoints of every remotefs mount in /proc/self/mounts, in mount order."""
+def remotefs_mounts(owner: int | None = None, table: str = "/proc/self/mounts") -> list[str]:
+    """Mountpoints of every remotefs mount in the mount *table*, in mount order.
+
+    With *owner*, only the mounts of that user (the kernel's ``user_id=`` option of a FUSE
+    mount): the ones whose daemon that user may ask. Another user's mount answers neither its
+    root's attributes (without ``allow_other``) nor its control socket (the daemon's own).
+    """
     try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as table:
-            lines = table.read().splitlines()
+        with open(table, encoding="utf-8", errors="surrogateescape") as lines:
+            rows = [line.split(" ") for line in lines.read().splitlines()]
     except OSError:
         return []
     mounts = []
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) >= 3 and fields[2] == FSTYPE:
-            mounts.append(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]))
+    for fields in rows:
+        if len(fields) < 4 or fields[2] != FSTYPE:
+            continue
+        if owner is not None and f"user_id={owner}" not in fields[3].split(","):
+            continue
+        mounts.append(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]))
     return mounts
 
 
@@ -418,6 +425,12 @@ def add_commands(commands: Any) -> None:
         help="every file, also in a mount of more than 100 files (by default only the files"
         " that matter most are shown, with the totals)",
     )
+    status.add_argument(
+        "--all-users",
+        action="store_true",
+        help="without MOUNTPOINT, list other users' mounts too (by default only yours: another"
+        " user's daemon does not answer you)",
+    )
     prefetch = commands.add_parser(
         "prefetch",
         help="download files completely now",
@@ -476,6 +489,7 @@ def run_command(args: argparse.Namespace) -> int:
                 once=args.once,
                 every=args.all,
                 cache_dir=args.cache_dir,
+                all_users=args.all_users,
             )
         if args.command == "prefetch":
             return cmd_prefetch(args.paths, args.cache_dir)
@@ -511,8 +525,13 @@ def cmd_status(
     once: bool,
     every: bool = False,
     cache_dir: str | None = None,
+    all_users: bool = False,
 ) -> int:
-    """``remotefs status [MOUNTPOINT | --cache-dir DIR [PATH]] [--json] [--once]``."""
+    """``remotefs status [MOUNTPOINT | --cache-dir DIR [PATH]] [--json] [--once]``.
+
+    Without a target: the caller's own mounts (another user's are skipped silently, unless
+    *all_users*: then they are listed, each with why it cannot be asked).
+    """
     explicit = target is not None or cache_dir is not None
     selection: list[tuple[Target, list[str] | None]]
     if cache_dir is not None:
@@ -524,7 +543,8 @@ def cmd_status(
         paths = None if relative == "." else [relative]
         selection = [(Target(mountpoint), paths)]
     else:
-        selection = [(Target(mountpoint), None) for mountpoint in remotefs_mounts()]
+        owner = None if all_users else os.geteuid()
+        selection = [(Target(mountpoint), None) for mountpoint in remotefs_mounts(owner)]
         server = default_server()
         if server is not None:
             selection.append((server, None))
@@ -559,7 +579,7 @@ def cmd_status(
             if answer["ok"]:
                 out.extend(render_status(answer, bars=live))
             else:
-                out.append(f"{answer['mountpoint']}: {answer['error']}")
+                out.append(_error_line(answer["mountpoint"], answer["error"]))
         return out
 
     if not live:
@@ -572,6 +592,11 @@ def cmd_status(
             time.sleep(STATUS_REFRESH)
             answers, errors = snapshot()
     return 0
+
+
+def _error_line(mountpoint: str, error: str) -> str:
+    """*error* naming *mountpoint* once (most errors name it already)."""
+    return error if error.startswith(mountpoint) else f"{mountpoint}: {error}"
 
 
 def cmd_prefetch(paths: list[str], cache_dir: str | None = None) -> int:
