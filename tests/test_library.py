@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -275,6 +277,30 @@ def test_bad_urls_headers_and_options_are_value_errors(tmp_path: Path) -> None:
         remotefs.Cache(tmp_path / "c3", allow_other=True)
     with pytest.raises(ValueError, match="block size"):
         remotefs.Cache(tmp_path / "c4", block_size=1000)
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"X-T": None}, "header 'X-T': its value must be a str, not NoneType"),
+        ({"X-T": b"abc"}, "header 'X-T': its value must be a str, not bytes"),
+        ({"X-T": 7}, "header 'X-T': its value must be a str, not int"),
+        ({b"X-T": "v"}, "a header name must be a str, not bytes"),
+        ({"X:T": "v"}, "'X:T' is not a valid header name (an RFC 9110 token)"),
+        ({"X T": "v"}, "'X T' is not a valid header name"),
+        ({"": "v"}, "'' is not a valid header name"),
+        ({"X-T": "a\r\nInjected: 1"}, "the value contains control characters"),
+        ([("X-T",)], "headers must be a mapping or (name, value) pairs"),
+    ],
+)
+def test_headers_of_other_types_or_names_that_are_not_tokens_are_url_errors(
+    tmp_path: Path, headers: Any, message: str
+) -> None:
+    """Nothing is sent as a str() of another type, and no name is split at a colon."""
+    with pytest.raises(remotefs.UrlError, match=re.escape(message)):
+        remotefs.Cache(tmp_path / "c1", headers=headers)
+    with pytest.raises(remotefs.UrlError, match=re.escape(message)):
+        remotefs.open("http://127.0.0.1:9/x", cache_dir=tmp_path / "c2", headers=headers)
 
 
 def test_the_library_works_without_pyfuse3_as_another_user(

@@ -56,7 +56,7 @@ from .cache.cached_file import CachedFile
 from .cache.engine import Handle, RemoteCache
 from .cache.fetcher import ReadError
 from .cache.store import CacheDirError
-from .config.manifest import HeaderError, ManifestError, parse_header_option, parse_manifest_text
+from .config.manifest import HeaderError, ManifestError, header_pair, parse_manifest_text
 from .config.settings import LIBRARY, options_from_keywords
 from .http.errors import HttpSourceError, PermanentError
 from .redact import redact_url
@@ -367,11 +367,13 @@ def _headers(
         return ()
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     checked = []
-    for name, value in pairs:
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise UrlError(f"headers must be a mapping or (name, value) pairs, not {pair!r}")
         try:
-            checked.append(parse_header_option(f"{name}: {value}"))
+            checked.append(header_pair(*pair))
         except HeaderError as err:
-            raise UrlError(str(err).removeprefix("--header: ")) from None
+            raise UrlError(str(err)) from None
     return tuple(checked)
 
 

@@ -279,6 +279,25 @@ def parse_header_option(text: str) -> tuple[str, str]:
         raise HeaderError(f"--header: {exc.reason}") from None
 
 
+def header_pair(name: object, value: object) -> tuple[str, str]:
+    """A header given as Python objects (the library's ``headers=``), checked as it is.
+
+    Both must be ``str`` (a ``None`` or ``b"..."`` would otherwise go out as its ``str()``),
+    and the name an RFC 9110 token as written: it is never split at a ``:`` in it.
+    """
+    if not isinstance(name, str):
+        raise HeaderError(f"a header name must be a str, not {type(name).__name__}")
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    if not isinstance(value, str):
+        raise HeaderError(f"header {shown!r}: its value must be a str, not {type(value).__name__}")
+    if not _HEADER_NAME.fullmatch(name):
+        raise HeaderError(f"{shown!r} is not a valid header name (an RFC 9110 token)")
+    try:
+        return parse_header(f"{name}: {value}")
+    except _LineError as exc:
+        raise HeaderError(exc.reason) from None
+
+
 def parse_header_lines(lines: Iterable[str], source: str) -> Headers:
     """Parse a header file: one ``Name: value`` per line, blank and ``#`` lines skipped."""
     headers: list[tuple[str, str]] = []

@@ -35,6 +35,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import re
 import secrets
 import time
 import urllib.parse
@@ -51,6 +52,7 @@ from ..cache.engine import RemoteCache
 from ..cache.fetcher import ReadError
 from ..fuse.tree import DirNode, FileNode, Tree
 from . import pages
+from .listen import MAX_HEAD
 from .ranges import (
     ByteRange,
     Unsatisfiable,
@@ -87,21 +89,28 @@ class Request:
     query: dict[str, list[str]]
     #: The client's address, which names its connection (`Connections.cut`).
     client: tuple[str, int] | None = None
+    #: The size of the request's head as HTTP/1.1 writes it (request line, header lines).
+    head_size: int = 0
 
     @classmethod
     def from_scope(cls, scope: Scope) -> Request:
         headers: dict[str, str] = {}
+        raw_path = bytes(scope.get("raw_path") or scope["path"].encode())
+        raw_query = bytes(scope.get("query_string", b""))
+        # "GET /path?query HTTP/1.1\r\n", "Name: value\r\n" each, and the blank line.
+        head_size = len(scope["method"]) + len(raw_path) + len(raw_query) + 1 + 12 + 2
         for name, value in scope["headers"]:
             key = bytes(name).decode("latin-1").lower()
             text = bytes(value).decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        raw_query = bytes(scope.get("query_string", b"")).decode("latin-1")
+            head_size += len(name) + len(value) + 4
         return cls(
             method=scope["method"],
-            raw_path=bytes(scope.get("raw_path") or scope["path"].encode()),
+            raw_path=raw_path,
             headers=headers,
-            query=urllib.parse.parse_qs(raw_query, keep_blank_values=True),
+            query=urllib.parse.parse_qs(raw_query.decode("latin-1"), keep_blank_values=True),
             client=tuple(scope["client"]) if scope.get("client") else None,
+            head_size=head_size,
         )
 
 
@@ -240,6 +249,17 @@ class HttpDoor:
     # -- routing -------------------------------------------------------------------------------
 
     async def _respond(self, request: Request, send: Send) -> None:
+        if request.head_size > MAX_HEAD:
+            # h11 bounds only a head that arrives in parts; one sent at once is whole.
+            self._refused("head")
+            text = f"The request's head is larger than {MAX_HEAD // 1024} KiB."
+            await _simple(send, request, 431, pages.message_html(431, "Too Large", text))
+            return
+        if not _plain_host(request.headers.get("host")):
+            self._refused("host")
+            text = "The Host header must be a plain host name or address, with a port or not."
+            await _simple(send, request, 400, pages.message_html(400, "Bad Request", text))
+            return
         if not self._authorized(request):
             self._refused("token")
             await _simple(
@@ -583,6 +603,16 @@ def _path_parts(raw_path: bytes) -> list[str] | None:
             return None  # "//" inside the path
         parts.append(name)
     return parts
+
+
+#: RFC 9110 §7.2 Host: uri-host [":" port], uri-host an IP literal, IPv4 or reg-name.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?", re.ASCII)
+
+
+def _plain_host(host: str | None) -> bool:
+    """True for a Host that is only a host and maybe a port (or for none, HTTP/1.0):
+    ``localhost:1@evil.com`` names no host this server could check, so it is refused."""
+    return host is None or _HOST.fullmatch(host.strip()) is not None
 
 
 def _loopback_host(host: str | None) -> bool:

@@ -29,6 +29,11 @@ MIN_TOKEN_LENGTH = 16
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
+#: The largest request head answered, request line and headers (the README's 16 KiB): h11
+#: refuses a larger one that arrives in parts, the app one that arrives at once.
+MAX_HEAD = 16 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     """How much the HTTP server may take: connections, and how long a client may idle or

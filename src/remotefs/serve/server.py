@@ -37,7 +37,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from .listen import Limits, Listen
+from .listen import MAX_HEAD, Limits, Listen
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ SEND_SLICE = 256 * 1024
 #: The kernel's queue of connections not accepted yet.
 BACKLOG = 128
 #: Largest request head (request line and headers).
-MAX_HEAD = 16 * 1024
 
 
 class _Guarded(trio.abc.HalfCloseableStream):
