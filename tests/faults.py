@@ -18,6 +18,7 @@ waits on the origin's stop event, so `Origin.stop()` never waits for a stall to 
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import random
 import re
@@ -55,6 +56,9 @@ class Fault(enum.Enum):
     TRUNCATE = "truncate"
     #: Send part of the body, then send nothing for `FaultyOrigin.stall_seconds`, then reset.
     STALL = "stall"
+    #: Send part of the body, then one byte every `FaultyOrigin.trickle_seconds`, forever: a
+    #: hostile origin that never stalls long enough for a stall timeout.
+    TRICKLE = "trickle"
     HTTP_500 = "500"
     HTTP_502 = "502"
     HTTP_503 = "503"
@@ -69,7 +73,7 @@ class Fault(enum.Enum):
 
 
 #: Faults that send a partial body before going wrong.
-BODY_FAULTS = frozenset({Fault.RESET, Fault.TRUNCATE, Fault.STALL})
+BODY_FAULTS = frozenset({Fault.RESET, Fault.TRUNCATE, Fault.STALL, Fault.TRICKLE})
 
 #: The status each status fault answers with.
 STATUS_OF = {
@@ -210,6 +214,8 @@ class FaultyOrigin(Origin):
     partial_bytes = 150 * 1024 + 123
     #: How long a STALL sends nothing (remotefs's ``--stall-timeout`` should be shorter).
     stall_seconds = 1.5
+    #: The pause between the bytes of a TRICKLE (remotefs's ``--stall-timeout`` is longer).
+    trickle_seconds = 0.25
     #: Pause before a RESET, so the client has read the partial body before the RST arrives
     #: (a RST makes the receiving kernel drop data the client has not read yet).
     settle_seconds = 0.2
@@ -358,6 +364,14 @@ class FaultyOrigin(Origin):
             ex.send_file(fd, start, part)
         finally:
             self.plan.note_sent(index, ex.body_bytes)
+        if fault is Fault.TRICKLE:
+            position = start + part
+            with contextlib.suppress(OSError):
+                while position < end and not self._stopping.wait(self.trickle_seconds):
+                    ex.send_file(fd, position, 1)
+                    position += 1
+            ex.handler.close_connection = True
+            return
         if fault is Fault.TRUNCATE:
             ex.handler.close_connection = True
             ex.handler.connection.shutdown(socket.SHUT_WR)  # FIN after a short body

@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import write_random
 from .faults import BODY_FAULTS, STATUS_OF, Fault, FaultyOrigin
-from .mounting import Mount, MountFactory
+from .mounting import Mount, MountFactory, wait_for
 from .origin import RequestRecord
 
 KiB = 1024
@@ -190,6 +190,49 @@ def test_transient_fault_is_retried_and_persistent_one_fails_in_time(
     faulty.plan.clear()
     assert read_range(mount.path / "g.bin", 3 * BLOCK, 1000) == other[3 * BLOCK : 3 * BLOCK + 1000]
     assert (mount.path / "g.bin").read_bytes() == other
+
+
+def test_the_read_deadline_holds_across_the_kernels_retry_of_the_same_read(
+    faulty: FaultyOrigin, origin_root: Path, remotefs: MountFactory
+) -> None:
+    """A hostile origin trickles a byte every 0.25 s: no stall timeout ever fires, only the
+    read deadline ends the read. The kernel then reads the page again on the same handle; that
+    retry must fail at once, not wait for a second deadline (it once took 34-40 s with
+    --read-deadline 20). Counted in requests, not seconds: the failed read costs one request
+    for its range, and a new open tries again."""
+    other = write_random(origin_root / "g.bin", 2 * MiB + 17)
+    mount = remotefs.mount([faulty.url("g.bin")], *options(stall_timeout="2"))
+    settle(faulty)
+    faulty.reset_counters()
+    faulty.partial_bytes = 1000
+    faulty.plan.always(Fault.TRICKLE)
+    offset = 5 * BLOCK + 100
+
+    def asked_for_offset() -> int:
+        ranges = [range_of(r.range_header) for r in faulty.requests if r.path == "/g.bin"]
+        return sum(start <= offset < end for start, end in ranges)
+
+    # A buffered read: the kernel's readahead fails, then it reads the page again itself.
+    with open(mount.path / "g.bin", "rb") as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        handle.seek(offset)
+        with pytest.raises(OSError) as info:
+            handle.read(1000)
+        assert info.value.errno == errno.EIO
+        # The program's own retry on the same handle fails at once too.
+        with pytest.raises(OSError):
+            os.pread(handle.fileno(), 1000, offset)
+    log = wait_for_log(mount, r"g\.bin.*failed on this handle")
+    # The origin records a request once its connection is gone: wait for the first one.
+    wait_for(lambda: asked_for_offset() >= 1, what="the trickled request to end")
+    settle(faulty)
+    assert asked_for_offset() == 1, [r.range_header for r in faulty.requests]
+    assert re.search(r"g\.bin.*no answer before the deadline", log), log[-3000:]
+
+    # A new open tries again, and once the origin behaves, it reads the origin's bytes.
+    faulty.plan.clear()
+    assert read_range(mount.path / "g.bin", offset, 1000) == other[offset : offset + 1000]
+    assert asked_for_offset() == 2
 
 
 @pytest.mark.parametrize("fault", [Fault.HTTP_404, Fault.HTTP_410, Fault.HTTP_403], ids=str)

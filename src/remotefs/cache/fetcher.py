@@ -70,6 +70,23 @@ MAX_PART = 8 * 1024 * 1024
 SPLIT_EXACT_FROM = 4 * 1024 * 1024
 
 
+def _failed_before(stream: ReadStream, file: CachedFile, first: int, last: int) -> str | None:
+    """Why a read of blocks ``[first, last)`` on *stream*'s handle fails at once, or None.
+
+    Only while a failed read of some of its missing blocks is younger than the deadline;
+    blocks that arrived since (readahead, another handle's read) count as present.
+    """
+    now = trio.current_time()
+    for failed_first, failed_end, until, reason in stream.failed_reads:
+        if until <= now or failed_end <= first or last <= failed_first:
+            continue
+        start, stop = max(first, failed_first), min(last, failed_end)
+        if not file.has_blocks(start, stop):
+            left = until - now
+            return f"{reason} (failed on this handle: tried again in {left:.0f}s, or by a new open)"
+    return None
+
+
 class FillPaused(Exception):
     """A background fill download stopped because a foreground read arrived."""
 
@@ -361,8 +378,30 @@ class BlockFetcher:
     ) -> bytes:
         """Return bytes ``[offset, offset+size)`` of *file*, short only at EOF.
 
-        *stream* is the caller's handle state: sequential handles get readahead.
+        *stream* is the caller's handle state: sequential handles get readahead. A read of a
+        handle that fails makes every read of its missing blocks on that handle fail at once
+        for ``read_deadline`` seconds (`_failed_before`): the kernel retries a failed read on
+        the same handle at once, and the deadline must hold across that retry, not start
+        again. A new open (another handle) tries again at once.
         """
+        end = min(offset + size, file.size)
+        if stream is None or offset >= end:
+            return await self._read(file, offset, size, stream)
+        first, last = offset // file.block_size, (end - 1) // file.block_size + 1
+        reason = _failed_before(stream, file, first, last)
+        if reason is not None:
+            raise ReadError(reason)
+        try:
+            return await self._read(file, offset, size, stream)
+        except ReadError as err:
+            now = trio.current_time()
+            stream.failed_reads[:] = [entry for entry in stream.failed_reads if entry[2] > now]
+            stream.failed_reads.append((first, last, now + self._options.read_deadline, str(err)))
+            raise
+
+    async def _read(
+        self, file: CachedFile, offset: int, size: int, stream: ReadStream | None
+    ) -> bytes:
         end = min(offset + size, file.size)
         self.last_read = trio.current_time()
         if self._fill_scopes:

@@ -123,7 +123,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_connections", "connections shared by all downloads", positive_int, "N"),
     Setting(
         "read_deadline",
-        "seconds a read may wait for the network, retries included, before EIO",
+        "seconds a read may wait for the network, retries included, before EIO; the same"
+        " handle's reads of a range that failed then fail at once for as long",
         positive_float,
         "SEC",
     ),
