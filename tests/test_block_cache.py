@@ -7,6 +7,7 @@ requested.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -43,6 +44,7 @@ from remotefs.cache.state_files import (
 from remotefs.cache.store import CacheDirError, CacheStore, convert_bitmap
 from remotefs.config.options import MountOptions
 from remotefs.http.source import HttpSource, RemoteMeta
+from remotefs.redact import url_at_rest
 
 from .conftest import make_options, write_random
 from .origin import Exchange, Origin
@@ -102,13 +104,20 @@ META = CacheMeta(
 )
 
 
+def at_rest(meta: CacheMeta) -> CacheMeta:
+    """*meta* as its file holds it: the URL in its at-rest form."""
+    return dataclasses.replace(meta, url=url_at_rest(meta.url))
+
+
 def test_meta_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "meta"
     save_meta(path, META)
-    assert load_meta(path) == META
+    # The file names the URL in its at-rest form: the signature in its query is not there.
+    assert load_meta(path) == at_rest(META)
+    assert b"SECRET" not in path.read_bytes()
     bare = CacheMeta(URL, 0, None, None, None, False, 4096)
     save_meta(path, bare)
-    assert load_meta(path) == bare
+    assert load_meta(path) == at_rest(bare)
     assert mode(path) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["meta"]  # no temp file left behind
 
@@ -179,7 +188,7 @@ def test_wrong_magic_or_version_is_corrupt(tmp_path: Path) -> None:
     with pytest.raises(CorruptStateError):
         load_meta(tmp_path / "meta")
     (tmp_path / "meta").write_bytes(frame(b"RFSM", payload))
-    assert load_meta(tmp_path / "meta") == META  # the hand-built frame itself is right
+    assert load_meta(tmp_path / "meta") == at_rest(META)  # the hand-built frame is right
 
 
 @pytest.mark.parametrize(
@@ -266,8 +275,8 @@ def test_an_entry_is_created_with_its_first_block_as_a_sparse_file_of_full_size(
             st = data.stat()
             assert st.st_size == size
             assert st.st_blocks * 512 <= 2 * BS  # sparse: only the block written
-            assert load_meta(store.entry_dir(URL) / META_NAME) == CacheMeta.from_remote(
-                remote(size=size), BS
+            assert load_meta(store.entry_dir(URL) / META_NAME) == at_rest(
+                CacheMeta.from_remote(remote(size=size), BS)
             )
             assert not (store.entry_dir(URL) / BITMAP_NAME).exists()  # saved at a checkpoint
         finally:
@@ -358,7 +367,9 @@ def test_changed_version_discards_blocks(
             assert cached.read(0, BS) == b"\0" * BS  # the old bytes are gone
             assert (store.entry_dir(URL) / DATA_NAME).stat().st_size == changed.size
             assert not (store.entry_dir(URL) / BITMAP_NAME).exists()
-            assert load_meta(store.entry_dir(URL) / META_NAME).remote() == changed
+            assert load_meta(store.entry_dir(URL) / META_NAME) == at_rest(
+                CacheMeta.from_remote(changed, BS)
+            )
         finally:
             cached.close()
         assert "changed" in caplog.text

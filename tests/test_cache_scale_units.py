@@ -186,9 +186,10 @@ def test_a_store_lists_from_its_catalog_and_ignores_a_damaged_one(tmp_path: Path
     store.open(wait=0)
     try:
         store.save_catalog([_record("https://h/a", 5)])
-        assert set(store.load_catalog()) == {"https://h/a"}
+        catalog = store.load_catalog()
+        assert len(catalog) == 1 and catalog.get("https://h/a") is not None
         (tmp_path / "cache" / "catalog").write_bytes(b"RFSCgarbage")
-        assert store.load_catalog() == {}
+        assert len(store.load_catalog()) == 0
     finally:
         store.close()
 

@@ -292,6 +292,25 @@ def test_credentials_in_urls_never_reach_logs_or_errors(
     signed = [r for r in origin.requests if r.path == "/ok.bin"]
     assert signed and all("authorization" not in r.headers for r in signed)
 
+    # Nothing in the cache directory holds a password or a signature: not the entries'
+    # metadata, not the catalog, not the log (grep -r, as a user would look).
+    assert sorted(os.listdir(cache / "files")), "nothing was cached"
+    for secret in (SIG, PASSWORD):
+        found = subprocess.run(
+            ["grep", "-r", "-a", "-l", secret, str(cache)], capture_output=True, text=True
+        )
+        assert found.returncode == 1 and found.stdout == "", f"{secret} in {found.stdout}"
+    # The URL list supplies the rest: a remount finds the cached bytes of both files.
+    origin.wait_idle()
+    origin.reset_counters()
+    mount = remotefs.mount(urls_file=urls, cache_dir=cache, mountpoint=mnt)
+    assert (mnt / "ok.bin").read_bytes() == data
+    assert (mnt / "auth.bin").read_bytes() == (origin_root / "auth.bin").read_bytes()
+    origin.wait_idle()
+    assert origin.bytes_served("/ok.bin") <= 1 and origin.bytes_served("/auth.bin") <= 1
+    assert "cannot be trusted" not in mount.log_text()
+    assert "belongs to another URL" not in mount.log_text()
+
 
 def test_secrets_stay_out_of_the_foreground_daemons_stderr(
     refusing_origin: RefusingOrigin, origin_root: Path, tmp_path: Path, fuse_available: None

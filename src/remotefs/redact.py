@@ -8,6 +8,7 @@ these helpers.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
@@ -42,6 +43,21 @@ def redact_url(url: str) -> str:
     if has_fragment:
         redacted += _REDACTED_FRAGMENT
     return redacted
+
+
+def url_at_rest(url: str) -> str:
+    """The form of *url* written to the cache's files: no userinfo, query or fragment.
+
+    The cache's files name the URL they belong to (to tell entries apart and to check an
+    entry is the one asked for), but never hold a password, a token or a signature: the
+    URL list (or the library call) supplies the whole URL again at every start. A URL with
+    such parts is written as its redacted form and a digest of the whole, which keeps two
+    URLs that differ only in them apart; it is not a URL anyone can request.
+    """
+    shown = redact_url(url)
+    if shown == url:
+        return url
+    return f"{shown} sha256:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
 
 
 def _redact_authority(authority: str) -> str:

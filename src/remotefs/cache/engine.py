@@ -58,7 +58,7 @@ from .freshness import Revalidator
 from .gaps import gaps_largest_first
 from .probe import MAX_PROBES, Prober, ProbeResult, ProbeRetrier, origin_name, origin_of
 from .readahead import ReadStream
-from .state_files import CatalogRecord
+from .state_files import Catalog, CatalogRecord
 from .store import CacheStore, EntryUnavailableError, StoredEntry
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class RemoteCache:
         #: Files being swapped for a new version, and the event set when that is done.
         self._changing: dict[CachedFile, trio.Event] = {}
         self._contradicted: dict[CachedFile, float] = {}
-        self._catalog: dict[str, CatalogRecord] = {}
+        self._catalog = Catalog()
         self._catalog_dirty = False
         self._downloads: dict[str, trio.Lock] = {}
         #: URLs being downloaded whole, and the event set when that ends (`get` waits).
@@ -679,7 +679,7 @@ class RemoteCache:
         if not isinstance(result, RemoteMeta):
             return
         if result.freshness.no_store:
-            if self._catalog.pop(url, None) is not None:
+            if self._catalog.pop(url) is not None:
                 self._catalog_dirty = True
             return
         if result.size == UNKNOWN_SIZE:
@@ -687,7 +687,7 @@ class RemoteCache:
         known = self._catalog.get(url)
         if known is not None and known.remote == result:
             result = known.remote  # the same answer: keep one copy
-        self._catalog[url] = CatalogRecord(result, time.time())
+        self._catalog.set(url, CatalogRecord(result, time.time()))
         self._catalog_dirty = True
 
     async def _catalog_loop(self) -> None:
@@ -700,7 +700,7 @@ class RemoteCache:
         if not self._catalog_dirty:
             return
         self._catalog_dirty = False
-        records = [record for url, record in self._catalog.items() if url in self._wanted]
+        records = self._catalog.records_for(self._wanted)
         try:
             await trio.to_thread.run_sync(self.store.save_catalog, records)
         except OSError as err:

@@ -11,12 +11,13 @@ import json
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pyroaring import BitMap
 
 from ..http.source import Freshness, RemoteMeta
+from ..redact import url_at_rest
 from .atomic import atomic_write
 
 _HEADER = struct.Struct("<4sHQI")  # magic, version, payload length, crc32
@@ -96,12 +97,18 @@ def _unframe(magic: bytes, data: bytes, what: object) -> bytes:
 
 
 def encode_meta(meta: CacheMeta) -> bytes:
-    """The metadata file's content."""
-    return _frame(_META_MAGIC, json.dumps(asdict(meta), sort_keys=True).encode())
+    """The metadata file's content: the URL in its at-rest form (`url_at_rest`)."""
+    fields = asdict(meta)
+    fields["url"] = url_at_rest(meta.url)
+    return _frame(_META_MAGIC, json.dumps(fields, sort_keys=True).encode())
 
 
 def decode_meta(data: bytes, what: object) -> CacheMeta:
-    """Verify and decode a metadata file's content (*what* names it in errors)."""
+    """Verify and decode a metadata file's content (*what* names it in errors).
+
+    Its ``url`` is as stored: the at-rest form (or, from an older version, the whole URL);
+    the caller puts the whole URL back (`CacheStore.stored_meta`).
+    """
     payload = _unframe(_META_MAGIC, data, what)
     try:
         fields = json.loads(payload)
@@ -153,11 +160,42 @@ class CatalogRecord:
     validated_at: float
 
 
+class Catalog:
+    """The catalog in memory: what the origin said of each URL, keyed by the URL's at-rest form.
+
+    The file holds only at-rest forms (`url_at_rest`: no password, token or signature), so
+    records read back are found by the whole URL the manifest gives, and come back with it.
+    """
+
+    def __init__(self, records: dict[str, CatalogRecord] | None = None) -> None:
+        self._records = records if records is not None else {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, url: str) -> CatalogRecord | None:
+        record = self._records.get(url_at_rest(url))
+        if record is None or record.remote.url == url:
+            return record
+        return CatalogRecord(replace(record.remote, url=url), record.validated_at)
+
+    def set(self, url: str, record: CatalogRecord) -> None:
+        self._records[url_at_rest(url)] = record
+
+    def pop(self, url: str) -> CatalogRecord | None:
+        return self._records.pop(url_at_rest(url), None)
+
+    def records_for(self, urls: Iterable[str]) -> list[CatalogRecord]:
+        """The records of *urls* (each with its whole URL), for saving."""
+        found = (self.get(url) for url in urls)
+        return [record for record in found if record is not None]
+
+
 def encode_catalog(records: Iterable[CatalogRecord]) -> bytes:
-    """The catalog file's content: one compact JSON row per URL, checksummed."""
+    """The catalog file's content: one compact JSON row per URL (at rest), checksummed."""
     rows = [
         [
-            r.remote.url,
+            url_at_rest(r.remote.url),
             r.remote.size,
             r.remote.etag,
             r.remote.last_modified,
@@ -175,7 +213,8 @@ def encode_catalog(records: Iterable[CatalogRecord]) -> bytes:
 
 
 def decode_catalog(data: bytes, what: object) -> dict[str, CatalogRecord]:
-    """Verify and decode a catalog; rows that do not make sense are skipped."""
+    """Verify and decode a catalog, keyed by each row's URL as stored (its at-rest form, or
+    the whole URL from an older version); rows that do not make sense are skipped."""
     payload = _unframe(_CATALOG_MAGIC, data, what)
     try:
         rows = json.loads(payload)["rows"]
@@ -199,7 +238,9 @@ def decode_catalog(data: bytes, what: object) -> dict[str, CatalogRecord]:
                 accepts_ranges=bool(ranges),
                 freshness=Freshness(max_age, bool(no_cache), bool(no_store)),
             )
-            records[url] = CatalogRecord(remote, float(validated))
+            records[url_at_rest(url) if " sha256:" not in url else url] = CatalogRecord(
+                remote, float(validated)
+            )
         except (ValueError, TypeError):
             continue
     return records

@@ -44,13 +44,14 @@ from pathlib import Path
 from pyroaring import BitMap
 
 from ..http.source import RemoteMeta
-from ..redact import redact_url
+from ..redact import redact_url, url_at_rest
 from . import safe_fs
 from .cached_file import BITMAP_NAME, DATA_NAME, META_NAME, CachedFile
 from .fd_cache import FdCache
 from .gaps import runs
 from .state_files import (
     CacheMeta,
+    Catalog,
     CatalogRecord,
     CorruptStateError,
     decode_bitmap,
@@ -241,11 +242,17 @@ class CacheStore:
             raise EntryUnavailableError(
                 err.errno, f"cannot read the cache entry of {redact_url(url)}: {err.strerror}"
             ) from None
-        if meta.url != url:
+        if meta.url not in (url_at_rest(url), url):
             log.warning("cache entry of %s belongs to another URL; it is reset", redact_url(url))
             self._discard(key)
             return None
-        return meta
+        if meta.url != url_at_rest(url):
+            # Written by an older version with the whole URL (a password in it, maybe):
+            # rewritten at once in the at-rest form.
+            meta = replace(meta, url=url)
+            with contextlib.suppress(OSError), self.opened_entry(key) as entry:
+                safe_fs.atomic_write(META_NAME, encode_meta(meta), dir_fd=entry)
+        return replace(meta, url=url)
 
     def _discard(self, key: str) -> None:
         """Remove an entry directory (links in it are removed, never followed).
@@ -478,16 +485,16 @@ class CacheStore:
 
     # -- the catalog ---------------------------------------------------------------------------
 
-    def load_catalog(self) -> dict[str, CatalogRecord]:
+    def load_catalog(self) -> Catalog:
         """What the origins said about each URL at the last save (empty when unusable)."""
         try:
             data = safe_fs.read_file(CATALOG_NAME, dir_fd=self._root_fd)
-            return decode_catalog(data, self.root / CATALOG_NAME)
+            return Catalog(decode_catalog(data, self.root / CATALOG_NAME))
         except FileNotFoundError:
-            return {}
+            return Catalog()
         except (CorruptStateError, OSError) as err:
             log.warning("the catalog of the cache is unusable (%s); every URL is probed", err)
-            return {}
+            return Catalog()
 
     def save_catalog(self, records: Iterable[CatalogRecord]) -> None:
         """Replace the catalog atomically (may run in a worker thread)."""
