@@ -41,7 +41,7 @@ from .control_client import COMMANDS as CONTROL_COMMANDS
 from .control_client import add_commands as add_control_commands
 from .control_client import run_command as run_control_command
 from .daemon.background import Reporter, run_in_background
-from .daemon.logs import open_log_file, setup_logging
+from .daemon.logs import flush_logging, open_log_file, setup_logging
 from .daemon.mountpoint import MountpointError, check_mountpoint, mounted_paths
 from .daemon.preflight import (
     PreflightError,
@@ -313,7 +313,10 @@ def _start_daemon(
 
     def child(reporter: Reporter) -> int:
         setup_logging(args.log_level, to_log_file=True)
-        return serve(reporter)
+        try:
+            return serve(reporter)
+        finally:
+            flush_logging()  # the child ends with os._exit: no atexit
 
     return run_in_background(child, log_fd, str(log_file))
 

@@ -1,7 +1,8 @@
 """The cache size cap (``--cache-max-size``): least-recently-used chunks make room for new blocks.
 
 What counts: the bytes of present blocks (set bits) of every file this daemon serves, plus the
-bytes of blocks whose bits were cleared by an eviction that has not punched its holes yet.
+bytes of blocks whose bits were cleared by an eviction that has not punched its holes yet, plus
+the bytes a store is writing now (a worker thread writes them; their bits come after).
 Before a download stores blocks, `_BlockAssembler.feed` asks `has_room`; when the new blocks
 would pass the cap, the download waits in `make_room` (its HTTP stream is paused meanwhile)
 until enough old blocks are gone. So the cached bytes never exceed the cap.
@@ -65,6 +66,9 @@ class CacheBudget:
         self._clock = 0
         #: Bytes whose bits are cleared but whose holes are not punched yet (still on disk).
         self.unpunched = 0
+        #: Bytes that passed `has_room` and are being written (in a worker thread), bits
+        #: not set yet: they count, so two stores cannot both take the same room.
+        self.in_flight = 0
         #: Blocks ``[first, end)`` that readers are waiting for, per file: never evicted.
         self.reading: dict[CachedFile, list[tuple[int, int]]] = {}
         #: The files that have an open handle (set by the FUSE layer).
@@ -77,8 +81,20 @@ class CacheBudget:
     # -- accounting ----------------------------------------------------------------------------
 
     def used(self) -> int:
-        """Cached bytes of every file, plus evicted bytes whose holes are not punched yet."""
-        return sum(file.cached_bytes for file in self._files()) + self.unpunched
+        """Cached bytes of every file, plus evicted bytes whose holes are not punched yet and
+        bytes being written."""
+        cached = sum(file.cached_bytes for file in self._files())
+        return cached + self.unpunched + self.in_flight
+
+    @contextlib.contextmanager
+    def writing(self, need: int) -> Iterator[None]:
+        """Count *need* bytes being stored against the cap until the block ends (their bits
+        are set by then, and `cached_bytes` counts them)."""
+        self.in_flight += need
+        try:
+            yield
+        finally:
+            self.in_flight -= need
 
     def has_room(self, need: int) -> bool:
         """True when *need* more bytes may be stored without passing the cap."""

@@ -14,9 +14,12 @@ The data file is opened on demand through the store's `FdCache` and may be close
 many files are in use; nothing here holds a descriptor between calls, except a save that pins
 it across its fsync.
 
-All methods run on the trio thread. Only `save`, `retire` and `evict_blocks` await (fsync and
-atomic writes go to a worker thread); everything else is synchronous, so between two awaits
-the bitmap and the data file agree.
+All methods run on the trio thread, and no file I/O that can wait for the disk runs on it:
+`store_blocks` writes (and creates the entry) in a worker thread, `save` fsyncs and writes the
+bitmap there, `evict_blocks` punches its holes there. Bits are set and cleared only on the trio
+thread. While a worker writes blocks they are in `writing` (an eviction leaves them alone),
+and while a worker punches holes, stores of the file wait; so a set bit always claims bytes
+that are on disk, and a hole never lands on bytes a bit claims.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class CachedFile:
         "__weakref__",
         "_home",
         "_meta_dirty",
+        "_punched",
         "_save_lock",
         "_saved_version",
         "_stats",
@@ -118,6 +122,7 @@ class CachedFile:
         "retry_delay",
         "uncached_reason",
         "validated_at",
+        "writing",
     )
 
     def __init__(
@@ -159,6 +164,12 @@ class CachedFile:
         #: Set by `remotefs evict`: background fill leaves this file alone (until a prefetch).
         self.no_fill = False
         self._save_lock: trio.Lock | None = None
+        #: Blocks whose bytes a worker thread is writing now (no bit set yet): an eviction
+        #: never punches them, or it could punch bytes a bit is about to claim.
+        self.writing = BitMap()
+        #: Set while an eviction's holes are being punched (in a worker thread): stores of
+        #: this file wait for it, or a hole could land on bytes written meanwhile.
+        self._punched: trio.Event | None = None
         # Freshness (see `freshness.Revalidator`, which owns these): when the origin last
         # confirmed this version (seconds since the epoch, 0: never), until when (trio clock)
         # it is fresh, when it was last asked, and when to ask again after a failure.
@@ -273,11 +284,44 @@ class CachedFile:
         self.write_blocks(index, 1, data)
 
     def write_blocks(self, first: int, count: int, data: bytes | bytearray | memoryview) -> None:
+        """Store *count* whole consecutive blocks, then mark them present; blocking.
+
+        For tools and tests outside the event loop: the daemon stores with `store_blocks`,
+        whose disk write runs in a worker thread.
+        """
+        expected = self._check_store(first, count, data)
+        _write_all(self._home.fds.fd(self), data, first * self.block_size, expected)
+        self._mark_stored(first, count)
+
+    async def store_blocks(
+        self, first: int, count: int, data: bytes | bytearray | memoryview
+    ) -> None:
         """Store *count* whole consecutive blocks, then mark them present.
 
         In that order (see module docstring): a crash between the two loses the blocks, it
-        never makes the bitmap claim them.
+        never makes the bitmap claim them. The write (and the data file's first open, which
+        creates the entry) runs in a worker thread: a slow cache disk slows this download,
+        never the event loop that answers every other request. *data* must not change until
+        this returns.
         """
+        expected = self._check_store(first, count, data)
+        while self._punched is not None:
+            await self._punched.wait()
+        self._check_store(first, count, data)
+        self.writing.add_range(first, first + count)
+        try:
+            async with self._home.fds.apinned(self) as fd:
+                await trio.to_thread.run_sync(
+                    _write_all, fd, data, first * self.block_size, expected
+                )
+        finally:
+            self.writing.remove_range(first, first + count)
+        if self.retired:
+            raise FileRetiredError(f"{self.name}: the remote file changed; block not stored")
+        self._mark_stored(first, count)
+
+    def _check_store(self, first: int, count: int, data: bytes | bytearray | memoryview) -> int:
+        """The byte count blocks ``first + count`` must have; raises when they cannot go."""
         if self.retired:
             raise FileRetiredError(f"{self.name}: the remote file changed; block not stored")
         if not self.cacheable:
@@ -285,20 +329,9 @@ class CachedFile:
         expected = min(count * self.block_size, self.meta.size - first * self.block_size)
         if count < 1 or len(data) != expected:
             raise ValueError(f"blocks {first}+{count} of {self.name}: {len(data)} bytes")
-        fd = self._home.fds.fd(self)
-        view = memoryview(data)
-        offset = start = first * self.block_size
-        try:
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view = view[written:]
-                offset += written
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                # A full disk took part of the blocks: give that space back (their bits are
-                # not set, so nothing claims these bytes), or not even a bitmap save would fit.
-                punch_hole(fd, start, expected)
-            raise
+        return expected
+
+    def _mark_stored(self, first: int, count: int) -> None:
         self.bitmap.add_range(first, first + count)
         self._version += 1
 
@@ -377,20 +410,37 @@ class CachedFile:
             raise
         if self.retired:
             return freed
-        # Only now, with no durable claim left, may the bytes go. No await from here on.
-        fd = self._home.fds.fd(self)
-        if not self.bitmap:
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, self.meta.size)
+        # Only now, with no durable claim left, may the bytes go: not those of blocks stored
+        # again meanwhile, nor of blocks being written now; and no store starts until the
+        # holes are punched (in a worker thread).
+        while self._punched is not None:
+            await self._punched.wait()
+        if self.retired:
             return freed
+        # No await from here until the punch is under way: what is computed stays true.
+        self._punched = done = trio.Event()
         dropped -= self.bitmap
-        for first, end in _block_runs(dropped):
-            start = first * self.block_size
-            punch_hole(fd, start, min(end * self.block_size, self.size) - start)
+        dropped -= self.writing
+        whole = not self.bitmap and not self.writing
+        runs = [
+            (first * self.block_size, min(end * self.block_size, self.size))
+            for first, end in _block_runs(dropped)
+        ]
+        try:
+            async with self._home.fds.apinned(self) as fd:
+                await trio.to_thread.run_sync(_drop_bytes, fd, self.meta.size, whole, runs)
+        finally:
+            self._punched = None
+            done.set()
         return freed
 
     def mark_dirty(self) -> None:
         """Force the next `save` to write the bitmap (after a conversion, say)."""
+        self._version += 1
+
+    def mark_meta_dirty(self) -> None:
+        """Have the next `save` write the metadata too (what the probe said changed)."""
+        self._meta_dirty = True
         self._version += 1
 
     # -- persistence -------------------------------------------------------------------------
@@ -435,6 +485,34 @@ class CachedFile:
     def close(self) -> None:
         """Release the data file descriptor (after a final `save`)."""
         self._home.fds.close(self)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int, length: int) -> None:
+    """``pwrite`` all of *data* at *offset* (any thread). On a full disk the space the part
+    written took is given back: nothing claims those bytes (their bits are not set), and
+    otherwise not even a bitmap save would fit."""
+    view = memoryview(data)
+    position = offset
+    try:
+        while view:
+            written = os.pwrite(fd, view, position)
+            view = view[written:]
+            position += written
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            punch_hole(fd, offset, length)
+        raise
+
+
+def _drop_bytes(fd: int, size: int, whole: bool, runs: list[tuple[int, int]]) -> None:
+    """Free the disk space of byte ranges *runs* of a data file (any thread); *whole*: every
+    byte, by truncating the file to nothing and back to its size."""
+    if whole:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        return
+    for start, end in runs:
+        punch_hole(fd, start, end - start)
 
 
 def _block_runs(blocks: BitMap) -> Iterator[tuple[int, int]]:

@@ -625,25 +625,30 @@ class RemoteCache:
         name = self._name(url)
         part = "download.part"
         key = self.store.key(url)
-        try:
+
+        def open_part() -> int:
             with self.store.opened_entry(key, create=True) as directory:
-                fd = safe_fs.open_file(
+                return safe_fs.open_file(
                     part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, dir_fd=directory
                 )
+
+        try:
+            fd = await trio.to_thread.run_sync(open_part)
         except OSError as err:
             log.error("%s: cannot store its download: %s", name, err.strerror or err)
             return None
         written = 0
 
-        def store(chunk: bytes) -> None:
+        async def store(chunk: bytes) -> None:
+            # In a worker thread, as every cache write: the event loop never waits for the disk.
             nonlocal written
-            os.pwrite(fd, chunk, written)
+            await trio.to_thread.run_sync(_pwrite_all, fd, chunk, written)
             written += len(chunk)
 
         async def attempt() -> int:
             nonlocal written
             written = 0
-            os.ftruncate(fd, 0)
+            await trio.to_thread.run_sync(os.ftruncate, fd, 0)
             return await self.source.fetch_whole(remote, store)
 
         try:
@@ -665,7 +670,7 @@ class RemoteCache:
         if url not in self._wanted:
             return None  # nobody wants it any more; the next download starts afresh
         final = replace(remote, size=size)
-        cached = self.store.adopt_download(url, final, part, name)
+        cached = await trio.to_thread.run_sync(self.store.adopt_download, url, final, part, name)
         self.revalidator.confirm(cached, final)
         self._by_url[url] = cached
         log.info("%s: downloaded (%d bytes); now listed", name, size)
@@ -984,3 +989,12 @@ class RemoteCache:
         if self.reserve is not None:
             figures["reserve"] = asdict(self.reserve.statistics())
         return figures
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite`` all of *data* at *offset* (in a worker thread)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written

@@ -19,9 +19,11 @@ import logging
 import os
 import resource
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class FdCache:
         self._pins: dict[DataFileOwner, int] = {}
         #: Owners closed while pinned: their descriptor goes when the last pin is released.
         self._doomed: dict[DataFileOwner, int] = {}
+        #: Owners whose data file a worker thread is opening now (`apinned`).
+        self._opening: dict[DataFileOwner, trio.Event] = {}
         self._closed_for_room = 0
         self._out_of_descriptors = 0
 
@@ -98,17 +102,21 @@ class FdCache:
         try:
             return opener()
         except OSError as err:
-            if err.errno not in _OUT_OF_FDS:
-                raise
-            self._out_of_descriptors += 1
-            idle = len(self._fds) - len(self._pins)
-            log.warning(
-                "out of file descriptors (%s); closing %d idle cache files and trying again",
-                err.strerror,
-                max(1, idle // 2),
-            )
-            self._trim(len(self._fds) - max(1, idle // 2))
+            self._make_room_after(err)
             return opener()
+
+    def _make_room_after(self, err: OSError) -> None:
+        """Close half the idle descriptors after *err* said there were none left; or raise it."""
+        if err.errno not in _OUT_OF_FDS:
+            raise err
+        self._out_of_descriptors += 1
+        idle = len(self._fds) - len(self._pins)
+        log.warning(
+            "out of file descriptors (%s); closing %d idle cache files and trying again",
+            err.strerror,
+            max(1, idle // 2),
+        )
+        self._trim(len(self._fds) - max(1, idle // 2))
 
     def _trim(self, keep: int) -> None:
         """Close least recently used unpinned descriptors until at most *keep* are open."""
@@ -130,11 +138,47 @@ class FdCache:
         try:
             yield fd
         finally:
-            count = self._pins.pop(owner) - 1
-            if count:
-                self._pins[owner] = count
-            elif owner in self._doomed:
-                os.close(self._doomed.pop(owner))
+            self._unpin(owner)
+
+    @contextlib.asynccontextmanager
+    async def apinned(self, owner: DataFileOwner) -> AsyncIterator[int]:
+        """`pinned`, but a descriptor not open yet is opened in a worker thread.
+
+        The first open of a data file creates its cache entry (an atomic metadata write with
+        two fsyncs): the event loop must not wait for that. One open per owner at a time:
+        other callers wait for it instead of creating the entry twice.
+        """
+        while owner not in self._fds:
+            opening = self._opening.get(owner)
+            if opening is not None:
+                await opening.wait()
+                continue
+            self._opening[owner] = opening = trio.Event()
+            try:
+                try:
+                    fd = await trio.to_thread.run_sync(owner.open_data)
+                except OSError as err:
+                    self._make_room_after(err)  # on this thread: it closes descriptors
+                    fd = await trio.to_thread.run_sync(owner.open_data)
+            finally:
+                del self._opening[owner]
+                opening.set()
+            self._fds[owner] = fd
+            self._trim(self.capacity)
+        self._fds.move_to_end(owner)
+        fd = self._fds[owner]
+        self._pins[owner] = self._pins.get(owner, 0) + 1
+        try:
+            yield fd
+        finally:
+            self._unpin(owner)
+
+    def _unpin(self, owner: DataFileOwner) -> None:
+        count = self._pins.pop(owner) - 1
+        if count:
+            self._pins[owner] = count
+        elif owner in self._doomed:
+            os.close(self._doomed.pop(owner))
 
     def close(self, owner: DataFileOwner) -> None:
         """Close *owner*'s descriptor now (or when its last pin is released)."""

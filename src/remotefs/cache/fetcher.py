@@ -133,8 +133,10 @@ class _BlockAssembler:
     """Cuts a byte stream that starts at a block boundary into whole blocks and stores them.
 
     Blocks already present are skipped (a whole-body stream passes over them). With a cache
-    cap (*budget*), blocks that would pass it are stored only after older ones were evicted:
-    `feed` then returns an awaitable, and the stream waits for it.
+    cap (*budget*), blocks that would pass it are stored only after older ones were evicted.
+    Blocks are written in a worker thread (`CachedFile.store_blocks`): `feed` returns an
+    awaitable whenever there is something to store, and the stream waits for it, so the
+    event loop never waits for the cache disk.
     """
 
     def __init__(
@@ -156,22 +158,36 @@ class _BlockAssembler:
         Runs of consecutive missing blocks are written with one `pwrite` each, straight from
         the received chunk: a 1 MiB chunk costs one copy into the cache, plus at most one
         block's worth where it continues a block begun by the chunk before. Returns an
-        awaitable when the blocks must wait for room under the cache cap.
+        awaitable that does the storing (None when the chunk completes no block).
         """
         self._file.stats.add(len(chunk))
-        budget = self._budget
-        if budget is not None:
-            need = self._new_bytes(len(self._buffer) + len(chunk))
-            if need and not budget.has_room(need):
-                self._buffer += chunk
-                return self._store_when_room(budget, need)
-        self._store(chunk)
-        return None
+        need = self._new_bytes(len(self._buffer) + len(chunk))
+        if not need and not self._skips(len(self._buffer) + len(chunk)):
+            self._buffer += chunk  # not a whole new block yet: nothing to write
+            return None
+        return self._store_with_room(chunk, need)
 
-    async def _store_when_room(self, budget: CacheBudget, need: int) -> None:
-        await budget.make_room(need)
-        # No await between the room check that just passed and the store.
-        self._store(b"")
+    def _skips(self, available: int) -> bool:
+        """True when the next *available* bytes hold a whole block that is present already."""
+        block = self._block
+        return (
+            block < self._download.end
+            and block in self._file.bitmap
+            and self._file.block_length(block) <= available
+        )
+
+    async def _store_with_room(self, chunk: bytes, need: int) -> None:
+        budget = self._budget
+        if budget is None or not need:
+            await self._store(chunk)
+            return
+        if not budget.has_room(need):
+            self._buffer += chunk
+            chunk = b""
+            await budget.make_room(need)
+        # The bytes being written count against the cap until their bits are set.
+        with budget.writing(need):
+            await self._store(chunk)
 
     def _new_bytes(self, available: int) -> int:
         """Bytes of missing whole blocks among the next *available* bytes of the stream."""
@@ -187,7 +203,7 @@ class _BlockAssembler:
             block += 1
         return need
 
-    def _store(self, chunk: bytes) -> None:
+    async def _store(self, chunk: bytes) -> None:
         view = memoryview(chunk)
         stored = False
         if self._buffer:
@@ -199,7 +215,7 @@ class _BlockAssembler:
                 self._buffer += view[:take]
                 view = view[take:]
             buffered = memoryview(self._buffer)
-            used, stored = self._write_whole_blocks(buffered)
+            used, stored = await self._write_whole_blocks(buffered)
             rest = bytearray(buffered[used:])
             buffered.release()
             if rest:
@@ -211,7 +227,7 @@ class _BlockAssembler:
                 if stored:
                     self._download.notify()
                 return
-        used, wrote = self._write_whole_blocks(view)
+        used, wrote = await self._write_whole_blocks(view)
         self._buffer = bytearray(view[used:])
         view.release()
         if stored or wrote:
@@ -225,7 +241,7 @@ class _BlockAssembler:
             block += 1
         return max(0, total - buffered)
 
-    def _write_whole_blocks(self, data: memoryview) -> tuple[int, bool]:
+    async def _write_whole_blocks(self, data: memoryview) -> tuple[int, bool]:
         """Store the whole blocks at the start of *data*; return (bytes used, any stored).
 
         Runs of consecutive missing blocks are written with one `pwrite` each, straight from
@@ -249,7 +265,7 @@ class _BlockAssembler:
             if block == first:
                 break
             if not present:
-                file.write_blocks(first, block - first, data[position : position + run_bytes])
+                await file.store_blocks(first, block - first, data[position : position + run_bytes])
                 if self._budget is not None:
                     self._budget.touch(file, first, block)
                 stored = True
@@ -833,7 +849,7 @@ class BlockFetcher:
             )
             if not file.retired:
                 self.pieces.add(file, fetch.start, b"".join(chunks))
-                self._store_whole_blocks(file, fetch.start)
+                await self._store_whole_blocks(file, fetch.start)
         except RangeNotSupportedError:
             # Not an error for the readers: they fetch the file as one stream from now on.
             if file.remote.accepts_ranges:
@@ -854,7 +870,7 @@ class BlockFetcher:
                 fetches.remove(fetch)
             fetch.done.set()
 
-    def _store_whole_blocks(self, file: CachedFile, near: int) -> None:
+    async def _store_whole_blocks(self, file: CachedFile, near: int) -> None:
         """Put blocks that the piece at *near* now covers whole into the cache (no cap only)."""
         if self.budget is not None or not file.cacheable:
             return
@@ -862,7 +878,7 @@ class BlockFetcher:
             if block in file.bitmap:
                 continue
             try:
-                file.write_blocks(block, 1, data)
+                await file.store_blocks(block, 1, data)
             except (OSError, FileRetiredError, UncacheableError) as err:
                 log.debug("%s: block %d not stored: %s", file.name, block, err)
                 return

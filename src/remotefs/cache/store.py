@@ -319,10 +319,11 @@ class CacheStore:
         refreshed = replace(
             entry.meta, content_type=remote.content_type, accepts_ranges=remote.accepts_ranges
         )
+        cached = self._from_stored(url, StoredEntry(refreshed, entry.bitmap, entry.on_disk), name)
         if refreshed != entry.meta and entry.on_disk:
-            with self.opened_entry(self.key(url)) as directory:
-                safe_fs.atomic_write(META_NAME, encode_meta(refreshed), dir_fd=directory)
-        return self._from_stored(url, StoredEntry(refreshed, entry.bitmap, entry.on_disk), name)
+            # Written by the next save, in a worker thread (never on the event loop).
+            cached.mark_meta_dirty()
+        return cached
 
     def attach_stored(self, url: str, name: str, stored: StoredEntry) -> CachedFile:
         """The entry of *url* as an earlier run left it (the origin was not asked)."""

@@ -7,8 +7,11 @@ log redacted URLs only.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from pathlib import Path
 
@@ -43,7 +46,14 @@ def open_log_file(path: Path) -> int:
 
 def setup_logging(level: str, *, to_log_file: bool = False) -> None:
     """Route the ``remotefs`` loggers to stderr: a log file (with timestamps and the pid),
-    or a terminal or the journal (which adds its own timestamps)."""
+    or a terminal or the journal (which adds its own timestamps).
+
+    Through a queue: a log line is written by a thread of its own, so the event loop never
+    waits for the disk the log file lives on (often the slow cache disk itself) or for a
+    journal that is behind. `flush_logging` writes out what is queued; it runs at exit.
+    """
+    global _listener
+    flush_logging()
     handler = logging.StreamHandler(sys.stderr)
     if to_log_file:
         fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -53,8 +63,27 @@ def setup_logging(level: str, *, to_log_file: bool = False) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level.upper())
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
     # httpx logs every request with its full URL (query included) at INFO: keep it quiet.
     for noisy in ("httpx", "httpcore", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+#: The thread that writes queued log records (`setup_logging`), while logging is set up.
+_listener: logging.handlers.QueueListener | None = None
+
+
+def flush_logging() -> None:
+    """Write every queued log record and stop the writer thread (at exit, or before a
+    process ends with ``os._exit``)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+atexit.register(flush_logging)
