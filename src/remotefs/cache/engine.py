@@ -849,16 +849,25 @@ class RemoteCache:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def open(self, cached: CachedFile, *, hints: bool = True, opener_pid: int = 0) -> Handle:
+    def open(
+        self,
+        cached: CachedFile,
+        *,
+        hints: bool = True,
+        opener_pid: int = 0,
+        kernel_retries: bool = False,
+    ) -> Handle:
         """A handle to read *cached* (this version; it keeps failing once the origin changed).
 
         Open-time hints (`OpenHints`) fetch what most formats keep at their ends (zip, ISO,
         MP4 indexes at the tail, superblocks at the head) concurrently with the first read,
         or what libblkid probes when *opener_pid* is setting up a loop device, and start the
         format analysis of a known image. *opener_pid* 0: not a process of this machine's
-        (the library, the HTTP server).
+        (the library, the HTTP server). *kernel_retries*: the handle is the kernel's, which
+        reads a page again at once when a read failed; such a retry fails at once instead of
+        waiting for a second deadline (`BlockFetcher.read`).
         """
-        handle = Handle(cached, ReadStream())
+        handle = Handle(cached, ReadStream(holds_failures=kernel_retries))
         self._handles[handle] = None
         if hints and self._hints is not None:
             handle.loop = self._hints.opened(cached, opener_pid)

@@ -394,14 +394,16 @@ class BlockFetcher:
     ) -> bytes:
         """Return bytes ``[offset, offset+size)`` of *file*, short only at EOF.
 
-        *stream* is the caller's handle state: sequential handles get readahead. A read of a
-        handle that fails makes every read of its missing blocks on that handle fail at once
-        for ``read_deadline`` seconds (`_failed_before`): the kernel retries a failed read on
-        the same handle at once, and the deadline must hold across that retry, not start
-        again. A new open (another handle) tries again at once.
+        *stream* is the caller's handle state: sequential handles get readahead. On a
+        kernel's handle (`ReadStream.holds_failures`), a read that fails makes every read of
+        its missing blocks on that handle fail at once for ``read_deadline`` seconds
+        (`_failed_before`): the kernel retries a failed read on the same handle at once, and
+        the deadline must hold across that retry, not start again. A new open (another
+        handle) tries again at once; the library's and the HTTP server's handles try again
+        at every read.
         """
         end = min(offset + size, file.size)
-        if stream is None or offset >= end:
+        if stream is None or not stream.holds_failures or offset >= end:
             return await self._read(file, offset, size, stream)
         first, last = offset // file.block_size, (end - 1) // file.block_size + 1
         reason = _failed_before(stream, file, first, last)

@@ -186,9 +186,11 @@ class ReadStream(_Run):
     last_end: int = -1
     #: An earlier run with a window, interrupted by a seek; resumed when reads return to it.
     parked: _Run | None = None
+    #: Whether this handle remembers its failed reads: the kernel's handles do, because the
+    #: kernel retries a failed read on the same handle at once (see `BlockFetcher.read`).
+    holds_failures: bool = False
     #: Reads of this handle that failed: (first block, end block, until when a read of them
-    #: fails at once, why). Kept here, per handle, because the kernel retries a failed read
-    #: on the same handle at once (see `BlockFetcher.read`); a new open tries again.
+    #: fails at once, why). A new open tries again.
     failed_reads: list[tuple[int, int, float, str]] = field(default_factory=list)
 
     def note_miss(

@@ -236,7 +236,7 @@ class RemoteFsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         handle = self._next_handle
         self._next_handle += 1
-        opened = engine.open(node.cached, opener_pid=ctx.pid)
+        opened = engine.open(node.cached, opener_pid=ctx.pid, kernel_retries=True)
         self._handles[handle] = opened
         # keep_cache: the kernel page cache stays valid across opens; the bytes cannot change
         # without the daemon noticing, and then the new version gets a new inode. Not for a
