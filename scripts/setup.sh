@@ -225,6 +225,15 @@ main() {
         # The format hints' tests make images with the real tools: mksquashfs/unsquashfs,
         # xorriso, genisoimage/isoinfo, zip, and sfdisk (package fdisk) for partitioned disks.
         packages+=(squashfs-tools xorriso genisoimage zip fdisk)
+        # Directory listings are read from the servers that write them, each started by the
+        # tests with its own configuration (tests/listing_servers.py): nginx, Apache 2,
+        # lighttpd, and Caddy where the release packages it.
+        packages+=(nginx apache2 lighttpd)
+        if ! command -v caddy >/dev/null 2>&1; then
+            apt_update_once
+            load_candidates caddy
+            [ -n "${candidate[caddy]:-}" ] && packages+=(caddy)
+        fi
     fi
     if ! choose_python; then
         echo "setup: $choose_error" >&2
