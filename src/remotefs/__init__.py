@@ -21,6 +21,7 @@ from ._exceptions import (
     UrlError,
 )
 from .library import AsyncRemoteFile, Cache, FileStatus, RemoteFile, aopen, open
+from .listings.walk import ListedFile
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "Cache",
     "CacheInUseError",
     "FileStatus",
+    "ListedFile",
     "NetworkError",
     "NotFoundError",
     "RemoteChangedError",

@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import errno
 import io
+import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -59,6 +60,7 @@ from .cache.store import CacheDirError
 from .config.manifest import HeaderError, ManifestError, header_pair, parse_manifest_text
 from .config.settings import LIBRARY, options_from_keywords
 from .http.errors import HttpSourceError, PermanentError
+from .listings.walk import ListedFile, Walk
 from .redact import redact_url
 
 T = TypeVar("T")
@@ -66,6 +68,8 @@ T = TypeVar("T")
 #: How long a `Cache` waits for another process to release its directory before it fails
 #: with `CacheInUseError` (a program that just closed it may still be saving).
 LOCK_WAIT = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -307,6 +311,50 @@ class Cache:
         try:
             await self.engine.complete(cached, progress)
         except (HttpSourceError, ReadError, OSError) as err:
+            raise NetworkError(str(err)) from None
+
+    def listdir(
+        self,
+        url: str,
+        *,
+        depth: int = 1,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    ) -> list[ListedFile]:
+        """The files a server lists under the directory *url* (a URL ending in ``/``).
+
+        nginx, Apache, lighttpd, Caddy and ``python3 -m http.server`` listings, any plain page
+        of links, nginx's and Caddy's JSON, and S3/GCS buckets (path-style URLs), *depth*
+        levels down (1 to 8), files selected by shell patterns on their names. Each
+        `ListedFile` has the file's URL (open it with `open`), its path below *url*, and its
+        size where the listing is exact (JSON, buckets). *headers* go with every listing
+        request. A directory below *url* that cannot be listed is left out and logged; when
+        *url* itself cannot be, `NetworkError`.
+        """
+        if not url.endswith("/"):
+            raise UrlError(f"a directory URL ends in '/': {redact_url(url)}")
+        checked = _headers(headers)
+        if checked:
+            self._thread.call(self._set_headers, url, checked)
+        found = self._thread.call(self._list_directory, url, depth, tuple(include), tuple(exclude))
+        if found.problems and not found.files and found.problems[0].startswith(redact_url(url)):
+            raise NetworkError(found.problems[0])
+        for problem in found.problems:
+            log.warning("listing %s", problem)
+        return found.files
+
+    async def _set_headers(self, url: str, headers: tuple[tuple[str, str], ...]) -> None:
+        self.engine.source.add_headers(url, headers)
+
+    async def _list_directory(
+        self, url: str, depth: int, include: tuple[str, ...], exclude: tuple[str, ...]
+    ) -> Walk:
+        try:
+            return await self.engine.list_directory(
+                url, depth=depth, include=include, exclude=exclude
+            )
+        except HttpSourceError as err:
             raise NetworkError(str(err)) from None
 
     def save(self) -> None:

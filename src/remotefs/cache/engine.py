@@ -46,6 +46,8 @@ from ..http.errors import (
 )
 from ..http.retry import retry_until
 from ..http.source import UNKNOWN_SIZE, HttpSource, RemoteMeta
+from ..listings import ACCEPT
+from ..listings.walk import Walk, walk
 from . import safe_fs
 from .budget import CacheBudget
 from .cached_file import CachedFile, FileRetiredError
@@ -76,6 +78,8 @@ LOGGED_FAILURES = 10
 #: Concurrent requests of one file's prefetch, and the size of each.
 PREFETCH_WORKERS = 4
 PREFETCH_CHUNK = 4 << 20
+#: The largest directory listing read (a listing is hostile input; this holds a million names).
+LISTING_LIMIT = 64 << 20
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -899,6 +903,25 @@ class RemoteCache:
         self.revalidator.in_background(cached)
 
     # -- completing and dropping files -------------------------------------------------------------
+
+    async def list_directory(
+        self,
+        url: str,
+        *,
+        depth: int = 1,
+        include: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
+    ) -> Walk:
+        """Every file the directory *url* (ending in ``/``) lists, *depth* levels down.
+
+        Listings are fetched with the directory's own headers (those of *url*, as set for it)
+        and capped at `LISTING_LIMIT` bytes each; see `remotefs.listings.walk`.
+        """
+
+        async def fetch(listing: str) -> tuple[int, str | None, bytes]:
+            return await self.source.fetch_listing(listing, url, ACCEPT, LISTING_LIMIT)
+
+        return await walk(url, fetch, depth=depth, include=include, exclude=exclude)
 
     async def complete(
         self,

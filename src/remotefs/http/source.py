@@ -416,6 +416,27 @@ class HttpSource:
             self._remember_target(url, response)
             return meta
 
+    async def fetch_listing(
+        self, url: str, key: str, accept: str, limit: int
+    ) -> tuple[int, str | None, bytes]:
+        """GET a directory listing: ``(status, Content-Type, body)``, whatever the status.
+
+        *key* is the directory source's URL: its headers go with the listing of every
+        directory under it. A body over *limit* bytes is refused (`PermanentError`): a
+        listing is hostile input, and 64 MiB already holds a million names.
+        """
+        what = f"list {redact_url(url)}"
+        async with self._request(url, {"Accept": accept}, what, key=key) as response:
+            body = bytearray()
+            try:
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise PermanentError(f"{what}: the listing is larger than {limit} bytes")
+            except httpx.HTTPError as err:
+                raise _map_httpx_error(err, what) from err
+            return response.status_code, response.headers.get("content-type"), bytes(body)
+
     async def fetch_range(
         self,
         meta: RemoteMeta,
