@@ -107,6 +107,8 @@ class Download:
     background: bool = False
     done: bool = False
     error: BaseException | None = None
+    #: When it started (trio clock): a reader tells its own downloads from older ones.
+    started: float = float("-inf")
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
@@ -589,8 +591,16 @@ class BlockFetcher:
         return b"".join(chunks)
 
     async def _ensure(self, file: CachedFile, first: int, last: int) -> None:
-        """Wait until blocks ``[first, last)`` are present, starting downloads as needed."""
+        """Wait until blocks ``[first, last)`` are present, starting downloads as needed.
+
+        A download this read joined but did not start (readahead, an open's hints, another
+        reader) may fail for reasons older than the read: the origin failing a moment ago and
+        now well. Its failure costs this read one attempt of its own, not the read itself; a
+        download this read started fails it.
+        """
         inflight = self._inflight.setdefault(file, {})
+        began = trio.current_time()
+        joined_failed = False
         while True:
             if file.retired:
                 raise ReadError(f"{file.name}: the remote file changed during the read")
@@ -613,6 +623,9 @@ class BlockFetcher:
                 raise cause
             if isinstance(cause, RangeNotSupportedError | FillPaused):
                 continue  # fetched as one stream now, or a paused fill: schedule again
+            if download.started < began and not joined_failed:
+                joined_failed = True
+                continue  # an older download's failure: this read tries once itself
             raise ReadError(f"{file.name}: bytes at {block * file.block_size}: {cause}")
 
     def _schedule(self, file: CachedFile, inflight: dict[int, Download], missing: BitMap) -> None:
@@ -927,6 +940,7 @@ class BlockFetcher:
             run_first, run_end = runs[0]
             position = run_end
             download = Download(run_first, run_end, background=pausable)
+            download.started = trio.current_time()
             for block in range(run_first, run_end):
                 inflight[block] = download
             scope = trio.CancelScope()
@@ -974,6 +988,7 @@ class BlockFetcher:
         *background* (readahead) downloads leave the pool's reserved connections to readers.
         """
         download = Download(first, end, stream=stream, background=background)
+        download.started = trio.current_time()
         for block in range(first, end):
             if stream and block in inflight:
                 continue
