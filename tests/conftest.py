@@ -165,6 +165,22 @@ def virtual_origin() -> Iterator[VirtualOrigin]:
 
 
 @contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted at *where* (made here, mode 0700); unmounted afterwards.
+
+    For a cache filesystem of a known, small size (its free space is what a test is about).
+    """
+    where.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=True
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextlib.contextmanager
 def loop_ext4(tmp_path: Path, size: int) -> Iterator[Path]:
     """An ext4 filesystem of *size* bytes on a loop device, mounted; removed afterwards.
 

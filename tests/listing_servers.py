@@ -10,16 +10,21 @@ is stopped (killed if need be) when its context ends.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .requirements import unavailable
 
 
 def free_port() -> int:
@@ -194,9 +199,28 @@ def python_http_server(root: Path, work: Path) -> Iterator[ListingServer]:
 @contextlib.contextmanager
 def moto_s3(work: Path) -> Iterator[str]:
     """moto's S3 server (path-style buckets at ``http://127.0.0.1:PORT/BUCKET``); its URL."""
+    if importlib.util.find_spec("moto") is None:
+        unavailable("moto is missing (the test extra installs moto[server])")
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     with _running(command, f"http://127.0.0.1:{port}/", work / "out.log", env=env):
         yield f"http://127.0.0.1:{port}"
+
+
+def put_objects(base: str, objects: dict[str, bytes], public: bool = True) -> None:
+    """PUT each path of *objects* (``/bucket`` makes the bucket) to moto at *base*; objects
+    are public-read, as anonymous reads need on S3 and on moto."""
+    parts = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    try:
+        for path, body in objects.items():
+            is_object = path.strip("/").count("/") >= 1
+            headers = {"x-amz-acl": "public-read"} if public and is_object else {}
+            connection.request("PUT", urllib.parse.quote(path), body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200, (path, response.status)
+    finally:
+        connection.close()

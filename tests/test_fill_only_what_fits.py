@@ -12,13 +12,11 @@ Each test waits for events (the log line, the complete file), never for a length
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-from .mounting import force_unmount, wait_for
+from .conftest import mounted_tmpfs
+from .mounting import wait_for
 from .serving import ServeFactory, Server
 from .virtual_origin import VirtualFile, VirtualOrigin, expected
 
@@ -41,18 +39,6 @@ def get_range(server: Server, name: str, first: int, last: int) -> bytes:
 def complete(server: Server, name: str) -> bool:
     rows = [row for row in server.status()["files"] if row["path"].endswith(name)]
     return bool(rows) and rows[0]["cached_bytes"] == rows[0]["size"]
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=True
-    )
-    try:
-        yield where
-    finally:
-        force_unmount(where)
 
 
 FILL = ("--fill", "opened", "--fill-idle", "0.2")
@@ -91,7 +77,7 @@ def test_one_byte_of_a_1_tib_file_starts_no_fill_past_the_free_space(
     """No cap: the cache filesystem (a 256 MiB tmpfs) is what a 1 TiB fill cannot fit."""
     virtual_origin.files["huge.bin"] = VirtualFile(TiB, seed=3)
     virtual_origin.files["fits.bin"] = VirtualFile(5 * MiB, seed=4)
-    with tmpfs(tmp_path / "cachefs", "256m") as cachefs:
+    with mounted_tmpfs(tmp_path / "cachefs", "256m") as cachefs:
         server = serve.start(
             [virtual_origin.url("huge.bin"), virtual_origin.url("fits.bin")],
             *FILL,

@@ -8,36 +8,20 @@ not).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import loop_ext4
-from .mounting import REMOTEFS, MountFactory, force_unmount, run_remotefs, status_json, wait_for
+from .conftest import loop_ext4, mounted_tmpfs
+from .mounting import REMOTEFS, MountFactory, run_remotefs, status_json, wait_for
 from .virtual_origin import VirtualFile, VirtualOrigin, expected
 
 MiB = 1024 * 1024
 TiB = 1 << 40
-
-
-@contextlib.contextmanager
-def tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
-    where = tmp_path / "cachefs"
-    where.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=True
-    )
-    try:
-        yield where
-    finally:
-        force_unmount(where)
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def free_bytes(path: Path) -> int:
@@ -113,7 +97,7 @@ def test_a_16_tib_file_reads_correctly_and_prefetch_planning_never_stalls_the_lo
     size = 16 * TiB
     virtual_origin.files["huge.bin"] = VirtualFile(size, seed=13)
     rng = random.Random(16)
-    with tmpfs(tmp_path, "512m") as cachefs:
+    with mounted_tmpfs(tmp_path / "cachefs", "512m") as cachefs:
         mount = remotefs.mount(
             [virtual_origin.url("huge.bin")],
             "--fill-idle",

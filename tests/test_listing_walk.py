@@ -7,7 +7,6 @@ hostile cases (an error page in the middle, a repeated continuation token, too m
 
 from __future__ import annotations
 
-import http.client
 import os
 import urllib.error
 import urllib.parse
@@ -102,30 +101,18 @@ def test_include_and_exclude_patterns_select_files(nginx_server: ListingServer) 
 
 @pytest.fixture(scope="module")
 def bucket_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        unavailable("moto is missing (the test extra installs moto[server])")
     with listing_servers.moto_s3(tmp_path_factory.mktemp("moto-walk")) as base:
-        parts = urllib.parse.urlsplit(base)
-        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-        try:
-            for path, body in {
+        listing_servers.put_objects(
+            base,
+            {
                 "/pub": b"",
                 "/pub/data/": b"",
                 "/pub/data/one.bin": b"1" * 11,
                 "/pub/data/sub/two.bin": b"2" * 22,
                 "/pub/data/sub/deeper/three.bin": b"3",
                 "/pub/other.bin": b"o",
-            }.items():
-                # Anonymous reads need public objects, on S3 as on moto.
-                headers = {"x-amz-acl": "public-read"} if path.count("/") > 1 else {}
-                connection.request("PUT", path, body=body, headers=headers)
-                response = connection.getresponse()
-                response.read()
-                assert response.status == 200, path
-        finally:
-            connection.close()
+            },
+        )
         yield base + "/pub/data/"
 
 

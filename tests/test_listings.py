@@ -12,7 +12,6 @@ server lists a bucket of 2,500 keys in nested prefixes over three pages.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -150,31 +149,17 @@ KEYS = 2500
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bucket of moto's S3 server with a nested layout and 2,500 keys under ``many/``."""
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        unavailable("moto is missing (the test extra installs moto[server])")
     with listing_servers.moto_s3(tmp_path_factory.mktemp("moto")) as base:
-        parts = urllib.parse.urlsplit(base)
-        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-        try:
-
-            def put(path: str, body: bytes = b"") -> None:
-                connection.request("PUT", urllib.parse.quote(path), body=body)
-                response = connection.getresponse()
-                response.read()
-                assert response.status == 200, (path, response.status)
-
-            put("/data")
-            put("/data/top.bin", b"t" * 1234)
-            put("/data/a dir/", b"")  # a "directory marker" key, as consoles make
-            put("/data/a dir/x #1.bin", b"x" * 10)
-            put("/data/a dir/sub/y.bin", b"y")
-            put("/data/ünï/z.bin", b"zz")
-            for index in range(KEYS):
-                put(f"/data/many/k{index:05d}.bin", b"k" * (index % 7))
-        finally:
-            connection.close()
+        objects = {
+            "/data": b"",
+            "/data/top.bin": b"t" * 1234,
+            "/data/a dir/": b"",  # a "directory marker" key, as consoles make
+            "/data/a dir/x #1.bin": b"x" * 10,
+            "/data/a dir/sub/y.bin": b"y",
+            "/data/ünï/z.bin": b"zz",
+        }
+        objects.update({f"/data/many/k{i:05d}.bin": b"k" * (i % 7) for i in range(KEYS)})
+        listing_servers.put_objects(base, objects, public=False)
         yield base + "/data"
 
 
