@@ -245,7 +245,21 @@ main() {
     if [ "${#need[@]}" -gt 0 ]; then
         echo "setup: installing system packages: ${need[*]}" >&2
         apt_update_once
-        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        # The test servers (nginx, Apache, lighttpd, Caddy) are started by the tests with their
+        # own configuration; their packages must not start the system's services (both nginx
+        # and Apache would take port 80). Where nothing forbids it yet, a policy-rc.d does so
+        # for this install only.
+        local policy=/usr/sbin/policy-rc.d own_policy=""
+        if [ "$want_tests" = "test" ] && [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\n# remotefs setup: no service starts during this install\nexit 101\n' |
+                as_root tee "$policy" >/dev/null
+            as_root chmod 755 "$policy"
+            own_policy=1
+        fi
+        local status=0
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || status=$?
+        [ -n "$own_policy" ] && as_root rm -f "$policy"
+        [ "$status" -eq 0 ] || exit "$status"
     fi
     local python=$chosen_python version
     version=$(python_version "$python")
