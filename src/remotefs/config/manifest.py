@@ -12,6 +12,23 @@ An indented line is a header line when its first word is not a URL (has no ``://
 manifest that was valid before stays valid and means the same. Header values are secrets as
 far as messages go: errors name the header, never its value.
 
+A URL ending in ``/`` with no PATH, or with a PATH ending in ``/``, is a *directory source*:
+every file the server lists there (an autoindex page, a JSON listing, a bucket) appears under
+that PATH (the mount root without one). Indented ``key=value`` lines below a URL line are its
+options: ``depth=``, ``include=``, ``exclude=``, ``checksums=`` for a directory source, and
+``sha256=``, ``sha512=``, ``md5=`` for a file::
+
+    https://deb.example.org/cd/                  debian/
+        depth=2
+        include=*.iso
+        checksums=SHA256SUMS
+    https://example.org/disk.img
+        sha256=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+
+Neither form was valid before (a URL ending in ``/`` had no file name, a PATH ending in ``/``
+an empty segment, and ``=`` cannot be in a header name), so no older file changes meaning;
+a URL ending in ``/`` with a file PATH (``https://h/ index.html``) is still that one page.
+
 The whole manifest is validated up front and the first problem is reported as a
 :class:`ManifestError` that names the file and line, so that a typo is found when the user runs
 the command, not later as a confusing I/O error inside a mounted filesystem.
@@ -29,7 +46,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from ..redact import redact_url
 
@@ -65,16 +82,39 @@ RESERVED_NAMES = frozenset({"_remotefs"})
 #: Request headers as (name, value) pairs, in the order given.
 Headers = tuple[tuple[str, str], ...]
 
+#: Digest algorithms a file line may name, with the length of their hex digests.
+DIGEST_LENGTHS = {"sha256": 64, "sha512": 128, "md5": 32}
+#: Expected digests of a file as (algorithm, lowercase hex) pairs.
+Digests = tuple[tuple[str, str], ...]
+
+#: How deep a directory source is listed by default, and at most (each level costs requests).
+DEFAULT_DEPTH = 1
+MAX_DEPTH = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryOptions:
+    """What of a directory source is mounted: levels, name patterns, checksum files."""
+
+    depth: int = DEFAULT_DEPTH
+    include: tuple[str, ...] = ()  # shell patterns matched against file names
+    exclude: tuple[str, ...] = ()
+    checksums: tuple[str, ...] = ()  # URLs of checksum files (SHA256SUMS format)
+
 
 @dataclass(frozen=True, slots=True)
 class ManifestEntry:
-    """One remote file: the URL to request and where it appears under the mount root."""
+    """One remote file, or one directory source: the URL and where it appears in the mount."""
 
     url: str  # the URL as it will be requested (fragment removed)
     path: tuple[str, ...]  # path segments under the mount root, e.g. ("isos", "debian.iso")
     line: int  # 1-based line number in the manifest
     # Request headers for this URL only (indented lines below it); kept out of repr: secrets.
     headers: Headers = field(default=(), repr=False)
+    #: Digests the file's bytes must have (``sha256=`` lines, or a checksum file's).
+    digests: Digests = ()
+    #: Set for a directory source: *path* is where its listing goes (``()``: the root).
+    directory: DirectoryOptions | None = None
 
 
 class ManifestError(ValueError):
@@ -121,6 +161,31 @@ def load_manifest(path: str | os.PathLike[str]) -> list[ManifestEntry]:
     except OSError as exc:
         raise ManifestError(source, None, f"cannot read: {exc.strerror or exc}") from exc
     return parse_manifest_bytes(data, source)
+
+
+def is_url(text: str) -> bool:
+    """``remotefs mount URLS``: a URL (``https://...``) rather than a file's name."""
+    return "://" in text
+
+
+def command_line_source(url: str, depth: int | None = None) -> list[ManifestEntry]:
+    """The manifest of one URL given instead of a urls.txt file (``--depth N`` for a
+    directory); errors name the command line."""
+    source = "the command line"
+    try:
+        found, path, directory = _parse_line(url)
+        if depth is not None:
+            if not directory:
+                raise _LineError(
+                    f"--depth is for a directory: {redact_url(url)!r} does not end in '/'"
+                )
+            check_depth(str(depth))
+    except _LineError as exc:
+        raise ManifestError(source, None, exc.reason) from None
+    if not directory:
+        return [ManifestEntry(found, path, 1)]
+    options = DirectoryOptions(depth=depth if depth is not None else DEFAULT_DEPTH)
+    return [ManifestEntry(found, (), 1, directory=options)]
 
 
 def read_regular_file(path: str | os.PathLike[str]) -> bytes:
@@ -180,46 +245,188 @@ def parse_manifest_text(
     """
     entries: list[ManifestEntry] = []
     tree = _PathTree()
-    headers: list[tuple[str, str]] = []
+    below = _Below()  # the indented lines of the entry above
     follows_url = False  # the previous content line belongs to a URL entry (no blank between)
     for number, raw, content in _content_lines(text):
         try:
             if not content:  # a blank line ends the entry above it
                 follows_url = False
                 continue
-            if _is_header_line(raw, content):
+            if raw[:1] in (" ", "\t") and (_OPTION.match(content) or _is_header_line(raw, content)):
                 if not follows_url:
                     raise _LineError(
-                        "an indented header line must follow its URL line"
-                        " (or another header line of it) with no blank line between"
+                        "an indented header or option line must follow its URL line"
+                        " (or another indented line of it) with no blank line between"
                     )
-                headers.append(parse_header(content))
+                below.add(content, entries[-1])
                 continue
-            _finish_headers(entries, headers)
-            url, path = _parse_line(content)
-            if path[0] in reserved:
+            below.finish(entries)
+            url, path, directory = _parse_line(content)
+            if path and path[0] in reserved:
                 raise _LineError(
                     f"the name {path[0]!r} is reserved: remotefs serve keeps its own pages under"
                     f" /{path[0]}/; give this URL another PATH"
                 )
-            tree.add(path, number)
+            if directory:
+                tree.add_directory(path, number)
+            else:
+                tree.add(path, number)
         except _LineError as exc:
             raise ManifestError(source, number, exc.reason) from None
-        entries.append(ManifestEntry(url=url, path=path, line=number))
+        entries.append(
+            ManifestEntry(
+                url=url,
+                path=path,
+                line=number,
+                directory=DirectoryOptions() if directory else None,
+            )
+        )
         follows_url = True
-    _finish_headers(entries, headers)
+    try:
+        below.finish(entries)
+    except _LineError as exc:
+        raise ManifestError(source, entries[-1].line, exc.reason) from None
     if not entries:
         raise ManifestError(source, None, "no URLs in the file")
     _check_same_url_same_headers(entries, source)
     return entries
 
 
-def _finish_headers(entries: list[ManifestEntry], headers: list[tuple[str, str]]) -> None:
-    """Attach the header lines collected so far to the last entry, and start afresh."""
-    if headers:
+#: An option line: ``key=value`` (a header name can never hold ``=``, so never a header line).
+_OPTION = re.compile(r"([a-z0-9]+)=(.*)", re.ASCII)
+_FILE_OPTIONS = tuple(DIGEST_LENGTHS)
+_DIRECTORY_OPTIONS = ("depth", "include", "exclude", "checksums")
+_HEX = re.compile(r"[0-9a-fA-F]+", re.ASCII)
+
+
+class _Below:
+    """The header and option lines below one URL line, until the next URL line."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[str, str]] = []
+        self.digests: dict[str, str] = {}
+        self.depth: int | None = None
+        self.include: list[str] = []
+        self.exclude: list[str] = []
+        self.checksums: list[str] = []
+
+    def add(self, content: str, entry: ManifestEntry) -> None:
+        option = _OPTION.fullmatch(content)
+        if option is None:
+            self.headers.append(parse_header(content))
+            return
+        key, value = option.group(1), option.group(2).strip()
+        if entry.directory is None:
+            self._file_option(key, value)
+        else:
+            self._directory_option(key, value, entry.url)
+
+    def _file_option(self, key: str, value: str) -> None:
+        if key in ("depth", "include", "exclude", "checksums"):
+            raise _LineError(
+                f"{key}= is an option of a directory source (a URL ending in '/'), not of a file"
+            )
+        if key not in DIGEST_LENGTHS:
+            raise _LineError(f"unknown option {key}= (a file takes {', '.join(_FILE_OPTIONS)})")
+        self.digests[key] = check_digest(key, value)
+
+    def _directory_option(self, key: str, value: str, url: str) -> None:
+        if key in DIGEST_LENGTHS:
+            raise _LineError(
+                f"{key}= is for a file line; a directory source names a checksum file with"
+                " checksums=URL (a SHA256SUMS file in the directory is used by itself)"
+            )
+        if key not in _DIRECTORY_OPTIONS:
+            raise _LineError(
+                f"unknown option {key}= (a directory source takes {', '.join(_DIRECTORY_OPTIONS)})"
+            )
+        if not value:
+            raise _LineError(f"{key}= needs a value")
+        if key == "depth":
+            self.depth = check_depth(value)
+        elif key == "include":
+            self.include.append(value)
+        elif key == "exclude":
+            self.exclude.append(value)
+        else:
+            self.checksums.append(_checksum_url(value, url))
+
+    def finish(self, entries: list[ManifestEntry]) -> None:
+        """Attach what was collected to the last entry, and start afresh."""
+        if not entries:
+            return
         last = entries[-1]
-        entries[-1] = ManifestEntry(last.url, last.path, last.line, tuple(headers))
-        headers.clear()
+        directory = last.directory
+        if directory is not None:
+            directory = DirectoryOptions(
+                self.depth if self.depth is not None else directory.depth,
+                tuple(self.include),
+                tuple(self.exclude),
+                tuple(self.checksums),
+            )
+        entries[-1] = ManifestEntry(
+            last.url,
+            last.path,
+            last.line,
+            tuple(self.headers),
+            tuple(self.digests.items()),
+            directory,
+        )
+        self._reset()
+
+
+def digest_problem(algorithm: str, text: str) -> str | None:
+    """Why *text* is not a digest of *algorithm* (a key of `DIGEST_LENGTHS`), or None.
+
+    Strict, because a digest that is silently wrong would make every read of a good file
+    fail: exactly the algorithm's number of hex digits, in any case, nothing around them.
+    The one check of a digest, for urls.txt lines and checksum files alike.
+    """
+    length = DIGEST_LENGTHS.get(algorithm)
+    if length is None:
+        known = ", ".join(sorted(DIGEST_LENGTHS))
+        return f"unknown digest algorithm {_quoted(algorithm)} (known: {known})"
+    if not text:
+        return f"{algorithm}= needs {length} hex digits, got nothing"
+    if _HEX.fullmatch(text) is None:
+        return f"{algorithm}= needs {length} hex digits, got {_quoted(text)}"
+    if len(text) != length:
+        return f"{algorithm}= needs {length} hex digits, got {len(text)}"
+    return None
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """*text* for a message: repr'd (control characters show) and cut to *limit*."""
+    return repr(text[:limit]) + "..." if len(text) > limit else repr(text)
+
+
+def check_digest(algorithm: str, text: str) -> str:
+    """A user's hex digest for *algorithm*, lowercased; `_LineError` names what is wrong."""
+    problem = digest_problem(algorithm, text)
+    if problem is not None:
+        raise _LineError(problem)
+    return text.lower()
+
+
+def check_depth(text: str) -> int:
+    """``depth=N``: 1 (the directory itself) to `MAX_DEPTH`."""
+    try:
+        depth = int(text)
+    except ValueError:
+        raise _LineError(f"depth= needs a whole number, not {text[:20]!r}") from None
+    if not 1 <= depth <= MAX_DEPTH:
+        raise _LineError(f"depth {depth}: it must be 1 to {MAX_DEPTH}")
+    return depth
+
+
+def _checksum_url(value: str, directory: str) -> str:
+    """``checksums=URL``: absolute, or a name relative to the directory source's URL."""
+    url = urljoin(directory, value)
+    _check_url(url)
+    return _without_fragment(url)
 
 
 def _check_same_url_same_headers(entries: list[ManifestEntry], source: str) -> None:
@@ -342,14 +549,28 @@ def _content_lines(text: str) -> Iterator[tuple[int, str, str]]:
             yield index + 1, raw, content
 
 
-def _parse_line(content: str) -> tuple[str, tuple[str, ...]]:
-    """Turn one ``URL [PATH]`` line into the URL to request and its path segments."""
+def _parse_line(content: str) -> tuple[str, tuple[str, ...], bool]:
+    """Turn one ``URL [PATH]`` line into the URL to request, its path segments, and whether
+    it is a directory source."""
     fields = content.split(None, 1)
     url = fields[0]
     parts = _check_url(url)
     path_text = fields[1].strip() if len(fields) > 1 else ""
+    if parts.path.endswith("/") and (not path_text or path_text.endswith("/")):
+        if parts.query:
+            raise _LineError(
+                f"directory source {redact_url(url)!r} has a query; a directory's URL ends in '/'"
+                " (give request headers on indented lines below it)"
+            )
+        stripped = path_text.strip("/")
+        return _without_fragment(url), _parse_path(stripped) if stripped else (), True
+    if path_text.endswith("/"):
+        raise _LineError(
+            f"PATH {path_text!r} ends in '/' but the URL is a file; a directory source's URL"
+            " ends in '/' too"
+        )
     path = _parse_path(path_text) if path_text else (_default_name(url, parts),)
-    return _without_fragment(url), path
+    return _without_fragment(url), path, False
 
 
 def _without_fragment(url: str) -> str:
@@ -427,7 +648,7 @@ def _default_name(url: str, parts: SplitResult) -> str:
     except UnicodeDecodeError:
         problem: str | None = "its percent-encoded name is not valid UTF-8"
     else:
-        problem = "it does not end in a file name" if not name else _name_problem(name)
+        problem = "it does not end in a file name" if not name else name_problem(name)
     if problem is not None:
         reason = (
             f"cannot name the file for URL {redact_url(url)!r}: {problem}; add a PATH after the URL"
@@ -445,13 +666,13 @@ def _parse_path(text: str) -> tuple[str, ...]:
     relative = text[1:] if text.startswith("/") else text
     segments = tuple(relative.split("/"))
     for segment in segments:
-        problem = "it contains an empty segment" if not segment else _name_problem(segment)
+        problem = "it contains an empty segment" if not segment else name_problem(segment)
         if problem is not None:
             raise _LineError(f"invalid PATH {text!r}: {problem}")
     return segments
 
 
-def _name_problem(name: str) -> str | None:
+def name_problem(name: str) -> str | None:
     """Say why ``name`` cannot be a single file or directory name, or return None if it can.
 
     Control characters are refused as well as NUL: names with newlines or escape sequences are
@@ -503,12 +724,22 @@ class _PathTree:
         for depth in range(1, len(path)):
             self._dirs.setdefault(path[:depth], (line, path))
 
+    def add_directory(self, path: tuple[str, ...], line: int) -> None:
+        """Record ``path`` as a directory source's (``()``: the root); several may share one."""
+        if path in self._files:
+            raise _LineError(f"path {_show(path)!r} is already used on line {self._files[path]}")
+        self._check_parents(path)
+        for depth in range(1, len(path) + 1):
+            self._dirs.setdefault(path[:depth], (line, path))
+
     def _check_free(self, path: tuple[str, ...]) -> None:
         shown = _show(path)
         if path in self._files:
             raise _LineError(f"path {shown!r} is already used on line {self._files[path]}")
         if path in self._dirs:
             line, child = self._dirs[path]
+            if child == path:
+                raise _LineError(f"path {shown!r} is line {line}'s directory source")
             raise _LineError(
                 f"path {shown!r} is already a directory: line {line} puts {_show(child)!r} in it"
             )
