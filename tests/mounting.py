@@ -123,32 +123,35 @@ class MountFactory:
         lines: list[str] | None = None,
         *args: str,
         urls_file: Path | None = None,
+        source: str | None = None,
         cache_dir: Path | None = None,
         mountpoint: Path | None = None,
         fill: bool = False,
         prefix: Sequence[str] = (),
     ) -> Mount:
-        """Mount *lines* (or *urls_file*) and return once the mount answers.
+        """Mount *lines* (or *urls_file*, or *source*: a URL) and return once it answers.
 
         Background fill is off unless *fill*: it would add origin traffic at unpredictable
         moments to tests that count bytes.
         """
         self.counter += 1
-        if urls_file is None:
+        if urls_file is None and source is None:
             assert lines is not None
             urls_file = self.write_urls(lines, f"urls{self.counter}.txt")
+        what = source if source is not None else urls_file
+        assert what is not None
         cache_dir = cache_dir or self.base / "cache"
         mountpoint = mountpoint or self.base / "mnt"
         mountpoint.mkdir(exist_ok=True)
         extra = args if fill else ("--no-fill", *args)
         result = run_remotefs(
-            "mount", urls_file, mountpoint, "--cache-dir", cache_dir, *extra, prefix=prefix
+            "mount", what, mountpoint, "--cache-dir", cache_dir, *extra, prefix=prefix
         )
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert is_mounted(mountpoint), "remotefs mount returned before the mount was ready"
         pid = daemon_pid(mountpoint)
         assert pid is not None
-        mount = Mount(mountpoint, cache_dir, urls_file, pid)
+        mount = Mount(mountpoint, cache_dir, urls_file or Path(os.devnull), pid)
         self.mounts.append(mount)
         return mount
 

@@ -102,6 +102,7 @@ class ServeFactory:
         lines: list[str] | None = None,
         *args: str | os.PathLike[str],
         urls_file: Path | None = None,
+        source: str | None = None,
         cache_dir: Path | None = None,
         fill: bool = False,
         token: str | None = None,
@@ -113,9 +114,11 @@ class ServeFactory:
         moments to tests that count bytes. *token* is written to a 0600 file and passed.
         """
         self.counter += 1
-        if urls_file is None:
+        if urls_file is None and source is None:
             assert lines is not None
             urls_file = self.write_urls(lines, f"serve-urls{self.counter}.txt")
+        what = source if source is not None else urls_file
+        assert what is not None
         cache_dir = cache_dir or self.base / f"serve-cache{self.counter}"
         extra: list[str | os.PathLike[str]] = list(args) if fill else ["--no-fill", *args]
         if token is not None:
@@ -123,14 +126,12 @@ class ServeFactory:
             token_file.write_text(token + "\n")
             token_file.chmod(0o600)
             extra += ["--token-file", token_file]
-        result = run_remotefs(
-            "serve", urls_file, "--listen", listen, "--cache-dir", cache_dir, *extra
-        )
+        result = run_remotefs("serve", what, "--listen", listen, "--cache-dir", cache_dir, *extra)
         assert result.returncode == 0, f"serve failed: {result.stderr}"
         found = _SERVING.search(result.stdout)
         assert found, f"no address in {result.stdout!r}"
         pid = _pid_of(cache_dir)
-        server = Server(found.group(1), cache_dir, urls_file, pid, token)
+        server = Server(found.group(1), cache_dir, urls_file or Path(os.devnull), pid, token)
         self.servers.append(server)
         return server
 

@@ -18,7 +18,7 @@ GOOD = "http://127.0.0.1:9/ok.bin"
         ([GOOD, "ftp://example.org/file.iso"], 2, "unsupported URL scheme 'ftp'"),
         (["http://:80/x.bin"], 1, "malformed URL"),
         (["http://h:99999/x.bin"], 1, "invalid port"),
-        (["# c", "", "http://h/dir/"], 3, "add a PATH"),
+        (["# c", "", "http://h/dir/?q=1"], 3, "has a query"),
         (["http://h/a.bin same.bin", "http://h/b.bin same.bin"], 2, "already used on line 1"),
         (["http://h/a.bin ../escape.bin"], 1, ".."),
         (["http://h/a.bin dir//a.bin"], 1, "empty"),

@@ -41,6 +41,7 @@ FILE_XATTRS = {
     "user.remotefs.etag",
     "user.remotefs.content_type",
     "user.remotefs.validated",
+    "user.remotefs.verified",
 }
 
 

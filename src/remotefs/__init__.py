@@ -14,6 +14,7 @@ import logging
 
 from ._exceptions import (
     CacheInUseError,
+    IntegrityError,
     NetworkError,
     NotFoundError,
     RemoteChangedError,
@@ -34,6 +35,7 @@ __all__ = [
     "Cache",
     "CacheInUseError",
     "FileStatus",
+    "IntegrityError",
     "ListedFile",
     "NetworkError",
     "NotFoundError",

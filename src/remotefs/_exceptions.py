@@ -5,6 +5,7 @@
      ├── NetworkError             (also OSError) unreachable, timed out, 5xx after retries, EIO
      ├── RemoteChangedError       (also OSError) the file changed under an open object
      ├── NotFoundError            (also FileNotFoundError) the origin answers 404 or 410
+     ├── IntegrityError           (also OSError) the bytes do not match their digest, twice
      └── CacheInUseError          the cache directory is used by another process (names it)
 
 Messages never contain a URL's query or userinfo: they come from the engine, which redacts.
@@ -53,12 +54,24 @@ class NotFoundError(RemoteFsError, FileNotFoundError):
         return str(self.strerror)
 
 
+class IntegrityError(RemoteFsError, OSError):
+    """The file's bytes do not have the digest given for them (``sha256=``, a checksum file),
+    and a fresh download did not either: EIO, never the wrong bytes as if they were right."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class CacheInUseError(RemoteFsError):
     """The cache directory is used by another process (a mount, or another program)."""
 
 
 __all__ = [
     "CacheInUseError",
+    "IntegrityError",
     "NetworkError",
     "NotFoundError",
     "RemoteChangedError",

@@ -26,9 +26,13 @@ from . import __version__
 from .cache.safe_fs import UnsafePathError
 from .cache.store import CacheDirError, check_cache_dir
 from .config.manifest import (
+    DEFAULT_DEPTH,
+    MAX_DEPTH,
     HeaderError,
     ManifestEntry,
     ManifestError,
+    command_line_source,
+    is_url,
     load_header_file,
     load_manifest,
     parse_header_option,
@@ -52,6 +56,7 @@ from .daemon.preflight import (
 )
 from .daemon.process import wait_for_exit
 from .fuse.xattr_names import PID_XATTR
+from .redact import redact_url
 from .serve.listen import (
     DEFAULT_LISTEN,
     HttpSettings,
@@ -65,6 +70,24 @@ from .serve.listen import (
 log = logging.getLogger("remotefs")
 
 EXIT_USAGE = 2
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a daemon serves: a urls.txt file, or a URL (a directory when it ends in '/')."""
+    parser.add_argument(
+        "urls",
+        metavar="URLS",
+        help="a file of 'URL [PATH]' lines, or one URL; a URL ending in '/' is a directory:"
+        " every file its listing (an autoindex page, a JSON listing, a bucket) shows",
+    )
+    parser.add_argument(
+        "--depth",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"levels of a directory URL to list (default: {DEFAULT_DEPTH}, at most"
+        f" {MAX_DEPTH}); in a URL file write depth=N on an indented line below the URL",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "mount",
         help="mount the URLs listed in a file",
         description="Mount every URL listed in URLS (one 'URL [PATH]' per line) under"
-        " MOUNTPOINT. Returns once the mount answers; the daemon stays in the background."
+        " MOUNTPOINT, or the directory a URL ending in '/' lists. Returns once the mount"
+        " answers; the daemon stays in the background."
         " With --serve, the same daemon also serves the files over HTTP.",
     )
-    mount.add_argument("urls", type=Path, metavar="URLS", help="file listing 'URL [PATH]' lines")
+    _add_source_arguments(mount)
     mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
     _add_daemon_arguments(mount, MOUNT)
     mount.add_argument(
@@ -104,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         " index of each directory, a live status page at /_remotefs/status). Returns once the"
         " server answers; the daemon stays in the background (remotefs stop ends it).",
     )
-    serve.add_argument("urls", type=Path, metavar="URLS", help="file listing 'URL [PATH]' lines")
+    _add_source_arguments(serve)
     serve.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -244,6 +268,20 @@ def _http_settings(args: argparse.Namespace, address: str | None) -> HttpSetting
     return HttpSettings(listen, token, limits)
 
 
+def _source_entries(urls: str, depth: int | None) -> list[ManifestEntry]:
+    """The manifest of URLS: a urls.txt file, or the one URL given instead of one."""
+    if is_url(urls):
+        return command_line_source(urls, depth)
+    if depth is not None:
+        raise ManifestError(
+            "--depth",
+            None,
+            "is for a directory URL given on the command line; in a URL file, write depth=N on"
+            " an indented line below the directory's URL",
+        )
+    return load_manifest(urls)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     """Validate everything, then run the daemon (in the background unless ``-f``)."""
     return _start_daemon(args, MOUNT, args.mountpoint, args.serve)
@@ -259,7 +297,7 @@ def _start_daemon(
 ) -> int:
     """Check what a daemon needs (URL list, mountpoint, options, machine), then run it."""
     try:
-        entries = load_manifest(args.urls)
+        entries = _source_entries(args.urls, args.depth)
         headers = load_header_file(args.header_file) if args.header_file else ()
         headers += tuple(parse_header_option(text) for text in args.header)
         mountpoint = check_mountpoint(mount_at) if mount_at is not None else None
@@ -290,11 +328,13 @@ def _start_daemon(
     except (PreflightError, CacheDirError) as err:
         return _fail(str(err), 1)
 
-    source = os.path.abspath(args.urls)  # the mount's source in the mount table, as in fstab
+    # The mount's source in the mount table, as in fstab.
+    urls_file = None if is_url(args.urls) else Path(os.path.abspath(args.urls))
+    source = str(urls_file) if urls_file is not None else redact_url(args.urls)
     what = "mount" if mountpoint is not None else "serve"
 
     def serve(reporter: Reporter) -> int:
-        return _serve(options, entries, mountpoint, reporter, source, Path(source), http, what)
+        return _serve(options, entries, mountpoint, reporter, source, urls_file, http, what)
 
     if args.foreground:
         setup_logging(args.log_level)

@@ -47,6 +47,7 @@ import trio
 
 from ._exceptions import (
     CacheInUseError,
+    IntegrityError,
     NetworkError,
     NotFoundError,
     RemoteChangedError,
@@ -57,7 +58,15 @@ from .cache.cached_file import CachedFile
 from .cache.engine import Handle, RemoteCache
 from .cache.fetcher import ReadError
 from .cache.store import CacheDirError
-from .config.manifest import HeaderError, ManifestError, header_pair, parse_manifest_text
+from .cache.verify import IntegrityMismatch
+from .config.manifest import (
+    Digests,
+    HeaderError,
+    ManifestError,
+    digest_problem,
+    header_pair,
+    parse_manifest_text,
+)
 from .config.settings import LIBRARY, options_from_keywords
 from .http.errors import HttpSourceError, PermanentError
 from .listings.walk import ListedFile, Walk
@@ -273,19 +282,35 @@ class Cache:
     # -- files -------------------------------------------------------------------------------
 
     def open(
-        self, url: str, *, headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        sha256: str | None = None,
     ) -> RemoteFile:
-        """A binary, seekable, read-only file object of *url* (raises NotFoundError, ...)."""
-        handle = self._thread.call(self._open, url, _headers(headers))
+        """A binary, seekable, read-only file object of *url* (raises NotFoundError, ...).
+
+        With *sha256* (hex), a read that reaches the end of the file raises `IntegrityError`
+        when the file's bytes do not have that digest (after one fresh download).
+        """
+        handle = self._thread.call(self._open, url, _headers(headers), _digests(sha256))
         return RemoteFile(self, handle, url)
 
     def aopen(
-        self, url: str, *, headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        sha256: str | None = None,
     ) -> _AsyncOpening:
         """``async with cache.aopen(url) as f``: the async file object of *url*."""
-        return _AsyncOpening(lambda: self, url, _headers(headers), owned=False)
+        return _AsyncOpening(lambda: self, url, _headers(headers), _digests(sha256), owned=False)
 
-    async def _open(self, url: str, headers: tuple[tuple[str, str], ...]) -> Handle:
+    async def _open(
+        self, url: str, headers: tuple[tuple[str, str], ...], digests: Digests = ()
+    ) -> Handle:
+        if digests:
+            self.engine.verifier.add_digests(_checked_url(url), digests)
         cached = await self._file(url, headers)
         await self.engine.ensure_fresh(cached)
         cached = self.engine.file(url) or cached  # a revalidation may have swapped it
@@ -405,7 +430,22 @@ def _checked_url(url: str) -> str:
         entries = parse_manifest_text(url.replace(" ", "%20"), "url", reserved=frozenset())
     except ManifestError as err:
         raise UrlError(err.reason) from None
+    if entries[0].directory is not None:
+        raise UrlError(
+            f"{redact_url(url)} is a directory (it ends in '/'): list its files with"
+            " Cache.listdir(url), then open one of them"
+        )
     return entries[0].url
+
+
+def _digests(sha256: str | None) -> Digests:
+    """``sha256=`` of `open`: checked like a urls.txt line's."""
+    if sha256 is None:
+        return ()
+    problem = digest_problem("sha256", sha256) if isinstance(sha256, str) else "not a str"
+    if problem is not None:
+        raise UrlError(f"sha256: {problem}")
+    return (("sha256", sha256.lower()),)
 
 
 def _headers(
@@ -477,16 +517,19 @@ def open(
     url: str,
     cache_dir: str | os.PathLike[str] | None = None,
     headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    sha256: str | None = None,
     **options: Any,
 ) -> RemoteFile:
     """A binary, seekable, read-only file object of *url*, cached in *cache_dir*.
 
     Closing it releases its cache (shared with other `remotefs.open` of the same directory in
-    this process) and saves the download progress when the last one closes.
+    this process) and saves the download progress when the last one closes. With *sha256*,
+    reading to the end raises `IntegrityError` when the bytes do not have that digest.
     """
+    digests = _digests(sha256)
     cache = _acquire(cache_dir, options)
     try:
-        handle = cache._thread.call(cache._open, url, _headers(headers))
+        handle = cache._thread.call(cache._open, url, _headers(headers), digests)
     except BaseException:
         _release(cache)
         raise
@@ -497,10 +540,17 @@ def aopen(
     url: str,
     cache_dir: str | os.PathLike[str] | None = None,
     headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    sha256: str | None = None,
     **options: Any,
 ) -> _AsyncOpening:
     """``async with remotefs.aopen(url) as f``: the async file object of *url* (trio, asyncio)."""
-    return _AsyncOpening(lambda: _acquire(cache_dir, options), url, _headers(headers), owned=True)
+    return _AsyncOpening(
+        lambda: _acquire(cache_dir, options),
+        url,
+        _headers(headers),
+        _digests(sha256),
+        owned=True,
+    )
 
 
 # -- file objects --------------------------------------------------------------------------------
@@ -536,6 +586,8 @@ class _Reader:
             return b""
         try:
             return await self._cache.engine.read(self._handle, offset, size)
+        except IntegrityMismatch as err:
+            raise IntegrityError(str(err)) from None
         except ReadError as err:
             file = self._handle.file
             if file.retired or self._cache.engine.changing(file):
@@ -678,18 +730,20 @@ class _AsyncOpening:
         get_cache: Callable[[], Cache],
         url: str,
         headers: tuple[tuple[str, str], ...],
+        digests: Digests,
         owned: bool,
     ) -> None:
         self._get_cache = get_cache
         self._url = url
         self._headers = headers
+        self._digests = digests
         self._owned = owned
         self._file: AsyncRemoteFile | None = None
 
     async def _open(self) -> AsyncRemoteFile:
         cache = await _in_thread(self._get_cache)  # starting an engine waits for its thread
         try:
-            handle = await cache._thread.acall(cache._open, self._url, self._headers)
+            handle = await cache._thread.acall(cache._open, self._url, self._headers, self._digests)
         except BaseException:
             if self._owned:
                 await _in_thread(_release, cache)

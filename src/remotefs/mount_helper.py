@@ -49,6 +49,7 @@ REFUSED = frozenset({"help", "foreground"})
 
 USAGE = """\
 usage: mount.remotefs URLS MOUNTPOINT [-o OPTIONS] [-s] [-f] [-n] [-v]
+       (URLS: a file of 'URL [PATH]' lines, or a directory's URL ending in '/')
        remotefs URLS MOUNTPOINT -o OPTIONS          (as run by mount.fuse3)
 
   -o OPTIONS  comma-separated: key=value for `remotefs mount --key value`, a bare flag for
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MountOptionError as err:
         sys.stderr.write(f"remotefs: {err}\n{USAGE.splitlines()[0]}\n")
         return EXIT_USAGE
-    if not os.path.isfile(command[1]):
+    if "://" not in command[1] and not os.path.isfile(command[1]):
         sys.stderr.write(
             f"remotefs: {command[1]}: no such URL list (commands: remotefs mount URLS"
             " MOUNTPOINT, remotefs unmount MOUNTPOINT; see remotefs --help)\n"

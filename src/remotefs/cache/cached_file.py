@@ -92,6 +92,8 @@ class EntryHome(Protocol):
 
     def entry_path(self, key: str) -> Path: ...
 
+    def blocks_stored(self, cached: CachedFile) -> None: ...
+
 
 class CachedFile:
     """The local copy of one remote file, block by block."""
@@ -108,6 +110,7 @@ class CachedFile:
         "bitmap",
         "block_size",
         "checked_at",
+        "evictions",
         "fresh_until",
         "gone",
         "key",
@@ -151,6 +154,9 @@ class CachedFile:
         self._version = 0  # bumped on every bitmap change
         self._saved_version = 0
         self._meta_dirty = False
+        #: Evictions begun (their bits cleared): a reader of the data file outside the fetcher
+        #: (`verify.Verifier`) compares it before and after, as holes may follow the bits.
+        self.evictions = 0
         #: Set when the origin's file changed: this object's bytes belong to an old version,
         #: nothing may be written to or read from it any more.
         self.retired = False
@@ -334,6 +340,11 @@ class CachedFile:
     def _mark_stored(self, first: int, count: int) -> None:
         self.bitmap.add_range(first, first + count)
         self._version += 1
+        self._home.blocks_stored(self)
+
+    def pinned_fd(self) -> contextlib.AbstractAsyncContextManager[int]:
+        """The data file's descriptor, held open (for readers outside the fetcher)."""
+        return self._home.fds.apinned(self)
 
     def set_freshness(self, freshness: Freshness) -> None:
         """The origin said anew how long this version stays fresh (a 304, say)."""
@@ -397,6 +408,7 @@ class CachedFile:
             return 0
         self.bitmap -= dropped
         self._version += 1
+        self.evictions += 1
         if self.meta.complete:
             self.meta = replace(self.meta, complete=False)
             self._meta_dirty = True

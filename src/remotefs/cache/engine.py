@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..config.manifest import Headers
+from ..config.manifest import Digests, Headers
 from ..config.options import MountOptions
 from ..formats.hints import OpenHints
 from ..http.errors import (
@@ -45,8 +45,8 @@ from ..http.errors import (
     RemoteChangedError,
 )
 from ..http.retry import retry_until
-from ..http.source import UNKNOWN_SIZE, HttpSource, RemoteMeta
-from ..listings import ACCEPT
+from ..http.source import UNKNOWN_SIZE, HttpSource, ListingResponse, RemoteMeta
+from ..listings import ACCEPT, ListingError
 from ..listings.walk import Walk, walk
 from . import safe_fs
 from .budget import CacheBudget
@@ -54,7 +54,7 @@ from .cached_file import CachedFile, FileRetiredError
 from .checkpoint import run_checkpointer, save_all
 from .disk_space import FreeSpaceReserve
 from .fd_cache import capacity_for, raise_nofile_limit
-from .fetcher import BlockFetcher
+from .fetcher import BlockFetcher, ReadError
 from .filler import Filler
 from .freshness import Revalidator
 from .gaps import gaps_largest_first
@@ -62,6 +62,7 @@ from .probe import MAX_PROBES, Prober, ProbeResult, ProbeRetrier, origin_name, o
 from .readahead import ReadStream
 from .state_files import Catalog, CatalogRecord
 from .store import CacheStore, EntryUnavailableError, StoredEntry
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ PREFETCH_WORKERS = 4
 PREFETCH_CHUNK = 4 << 20
 #: The largest directory listing read (a listing is hostile input; this holds a million names).
 LISTING_LIMIT = 64 << 20
+#: Earlier answers by URL, for conditional GETs of listings and checksum files.
+ListingMemo = dict[str, ListingResponse]
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -104,6 +107,9 @@ class Door(Protocol):
 
     async def settle(self, old: CachedFile) -> None:
         """After a swap or a retirement: forget what caches (the kernel's) hold of *old*."""
+
+    async def discard_pages(self, cached: CachedFile) -> None:
+        """Bytes of *cached* were wrong (a digest mismatch): forget any copy of them."""
 
 
 @dataclass(eq=False)
@@ -143,6 +149,10 @@ class RemoteCache:
             on_confirmed=lambda cached, remote: self._note_probe(cached.remote.url, remote),
             origin_of=origin_of,
         )
+        self.verifier = Verifier(
+            self.spawn, self._drop_copy, self._refetch, self._discard_pages, self._complete_now
+        )
+        self.store.on_stored = self.verifier.stored
         self.budget: CacheBudget | None = None
         if options.cache_max_size:
             self.budget = CacheBudget(options.cache_max_size, self.files)
@@ -285,6 +295,10 @@ class RemoteCache:
     def set_headers(self, url_headers: Mapping[str, Headers]) -> None:
         """Per-URL request headers (a reload read urls.txt again)."""
         self.source.set_headers(url_headers)
+
+    def set_digests(self, url_digests: Mapping[str, Digests]) -> None:
+        """The digests each URL's bytes must have (``sha256=`` lines, checksum files)."""
+        self.verifier.set_digests(url_digests)
 
     def want(self, names: Mapping[str, str]) -> None:
         """The URLs doors want now, each with the name to log it under; others are let go."""
@@ -885,7 +899,11 @@ class RemoteCache:
         cached = handle.file
         if not cached.meta.opened:
             cached.mark_opened()  # `--fill opened` completes the files programs read
-        return await self.fetcher.read(cached, offset, size, handle.stream)
+        self.verifier.check_failed(cached)
+        data = await self.fetcher.read(cached, offset, size, handle.stream)
+        whole = handle.stream.from_start(offset, offset + len(data))
+        await self.verifier.check_read(cached, offset, len(data), whole)
+        return data
 
     def handle_count(self, cached: CachedFile) -> int:
         return sum(1 for handle in self._handles if handle.file is cached)
@@ -911,17 +929,54 @@ class RemoteCache:
         depth: int = 1,
         include: tuple[str, ...] = (),
         exclude: tuple[str, ...] = (),
+        memo: ListingMemo | None = None,
     ) -> Walk:
         """Every file the directory *url* (ending in ``/``) lists, *depth* levels down.
 
         Listings are fetched with the directory's own headers (those of *url*, as set for it)
-        and capped at `LISTING_LIMIT` bytes each; see `remotefs.listings.walk`.
+        and capped at `LISTING_LIMIT` bytes each; see `remotefs.listings.walk`. With *memo*
+        (kept by the caller from one walk to the next) each listing is asked for
+        conditionally, and one that did not change costs a 304.
         """
+        fresh: ListingMemo = {}
 
         async def fetch(listing: str) -> tuple[int, str | None, bytes]:
-            return await self.source.fetch_listing(listing, url, ACCEPT, LISTING_LIMIT)
+            try:
+                answer = await self.fetch_small(listing, url, ACCEPT, memo, fresh)
+            except HttpSourceError as err:  # this directory fails; the walk goes on
+                raise ListingError(str(err)) from None
+            return answer.status, answer.content_type, answer.body
 
-        return await walk(url, fetch, depth=depth, include=include, exclude=exclude)
+        found = await walk(url, fetch, depth=depth, include=include, exclude=exclude)
+        if memo is not None:
+            memo.clear()
+            memo.update(fresh)
+        return found
+
+    async def fetch_small(
+        self,
+        url: str,
+        key: str,
+        accept: str,
+        memo: ListingMemo | None = None,
+        fresh: ListingMemo | None = None,
+    ) -> ListingResponse:
+        """GET a listing or a checksum file (at most `LISTING_LIMIT` bytes), with *key*'s
+        headers; conditional when *memo* holds an earlier answer, which a 304 returns.
+        Answers with validators go into *fresh* (or *memo*)."""
+        before = memo.get(url) if memo is not None else None
+        validators: dict[str, str] = {}
+        if before is not None and before.etag:
+            validators["If-None-Match"] = before.etag
+        if before is not None and before.last_modified:
+            validators["If-Modified-Since"] = before.last_modified
+        answer = await self.source.fetch_listing(url, key, accept, LISTING_LIMIT, validators)
+        if answer.status == 304 and before is not None:
+            answer = before
+        keep = fresh if fresh is not None else memo
+        if keep is not None and answer.status == 200 and (answer.etag or answer.last_modified):
+            keep[url] = answer
+        return answer
 
     async def complete(
         self,
@@ -1002,6 +1057,33 @@ class RemoteCache:
             return await self.budget.drop(cached)
         return await cached.evict()
 
+    async def _drop_copy(self, cached: CachedFile) -> int:
+        """Drop a copy whose digest did not match (the verifier fetches it again)."""
+        if cached.retired:
+            return 0
+        if self.budget is not None:
+            return await self.budget.drop(cached)
+        return await cached.evict()
+
+    async def _complete_now(self, cached: CachedFile) -> None:
+        """The blocks a whole read still waits for (in flight, or skipped), as a read."""
+        try:
+            await self.fetcher.ensure(cached, 0, cached.nblocks)
+        except (HttpSourceError, FileRetiredError) as err:
+            raise ReadError(f"{cached.name}: {err}") from None
+
+    async def _discard_pages(self, cached: CachedFile) -> None:
+        """Every door forgets what it holds of *cached*'s bytes (the kernel's page cache)."""
+        for door in self._doors:
+            await door.discard_pages(cached)
+
+    async def _refetch(self, cached: CachedFile) -> None:
+        """Download *cached* again after a mismatch (its new copy is hashed as it arrives)."""
+        try:
+            await self.complete(cached)
+        except (HttpSourceError, OSError, ValueError, FileRetiredError) as err:
+            log.warning("%s: fetching it again failed: %s", cached.name, err)
+
     async def evict(self, cached: CachedFile) -> int:
         """`drop`, refused (ValueError) while *cached* is open or downloading."""
         reason = self.busy(cached)
@@ -1017,6 +1099,7 @@ class RemoteCache:
             "probes": asdict(self.prober.statistics()),
             "descriptors": asdict(self.store.fds.statistics()),
             "revalidations": self.revalidator.requests,
+            "verification": asdict(self.verifier.statistics()),
         }
         if self.reserve is not None:
             figures["reserve"] = asdict(self.reserve.statistics())

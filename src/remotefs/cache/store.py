@@ -37,7 +37,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -105,6 +105,12 @@ class CacheStore:
         #: Sizes known to fit on the cache filesystem, and the smallest known not to.
         self._fits_up_to = 0
         self._too_large_from: int | None = None
+        #: Told when blocks of a file were stored (the engine's `Verifier`).
+        self.on_stored: Callable[[CachedFile], None] | None = None
+
+    def blocks_stored(self, cached: CachedFile) -> None:
+        if self.on_stored is not None:
+            self.on_stored(cached)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ class MountOptions:
     # How long an open of a stale file waits for its origin to confirm it (and at mount,
     # files known from an earlier run) before the cached version is used.
     revalidate_wait: float = 2.0
+    # A directory source's listing is asked for again (conditionally) after this many
+    # seconds: often enough that new files show within minutes, rarely enough that a
+    # 10,000-entry listing costs its server little.
+    list_ttl: float = 300.0
     # Free space of the cache filesystem that background fill and prefetch never use
     # (None: 5% of the filesystem or 2 GiB, whichever is smaller).
     min_free: int | None = None

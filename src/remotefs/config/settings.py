@@ -163,6 +163,14 @@ SETTINGS: tuple[Setting, ...] = (
         "SEC",
     ),
     Setting(
+        "list_ttl",
+        "seconds a directory source's listing is used before it is asked for again"
+        " (conditionally); new files appear, removed ones vanish",
+        positive_float,
+        "SEC",
+        doors=frozenset({MOUNT, SERVE}),
+    ),
+    Setting(
         "checkpoint_interval", "seconds between saves of download progress", positive_float, "SEC"
     ),
     Setting("readahead_max", "largest readahead window of a sequential reader", parse_size, "SIZE"),

@@ -14,19 +14,20 @@ The protocol is one JSON object per line each way, answered in order on one conn
     ``filling`` while a download or a prefetch runs, ``uncached`` when the cache cannot hold it,
     ``gone at origin`` after a 404/410, ``error`` when the last download failed, with
     ``error``), validated_at (when the origin last confirmed it, seconds since the epoch),
-    lifetime (seconds it stays fresh after that) and fresh, note (why a file is fetched as it
-    is: the origin ignores Range, or it is served uncached), rate (bytes/s over the last
-    seconds), origin_bytes (this session) and the outcome of the last prefetch; plus totals and
-    a count of files per state, the daemon's ``mountpoint`` (null without a mount), ``listen``
-    (the HTTP server's addresses, empty without one) and ``cache_dir``. With more than
-    `SUMMARY_THRESHOLD` files and without ``all``, ``files`` holds only the `SUMMARY_ROWS` files
-    that matter most (errors, downloads in progress, then the largest partial ones) and
-    ``hidden`` says how many more there are. The totals also describe the whole cache, whatever
-    the paths: ``cache_used`` (cached bytes of every file, plus evicted bytes whose disk space
-    is being freed), ``cache_max_size`` (``0``: no cap) and ``evicted_bytes`` (evicted under the
-    cap this session). ``daemon`` holds the daemon's own figures: event-loop stalls, probes,
-    open descriptors, and the free-space reserve with ``paused`` set while background downloads
-    wait for room.
+    lifetime (seconds it stays fresh after that) and fresh, verified
+    (``sha256``/``sha512``/``md5`` when its bytes matched their digest, ``pending``,
+    ``mismatch``, ``none``), note (why a file is fetched as it is: the origin ignores Range, or
+    it is served uncached), rate (bytes/s over the last seconds), origin_bytes (this session)
+    and the outcome of the last prefetch; plus totals and a count of files per state, the
+    daemon's ``mountpoint`` (null without a mount), ``listen`` (the HTTP server's addresses,
+    empty without one) and ``cache_dir``. With more than `SUMMARY_THRESHOLD` files and without
+    ``all``, ``files`` holds only the `SUMMARY_ROWS` files that matter most (errors, downloads
+    in progress, then the largest partial ones) and ``hidden`` says how many more there are. The
+    totals also describe the whole cache, whatever the paths: ``cache_used`` (cached bytes of
+    every file, plus evicted bytes whose disk space is being freed), ``cache_max_size`` (``0``:
+    no cap) and ``evicted_bytes`` (evicted under the cap this session). ``daemon`` holds the
+    daemon's own figures: event-loop stalls, probes, open descriptors, and the free-space
+    reserve with ``paused`` set while background downloads wait for room.
 ``{"cmd": "prefetch", "paths": [...]}``
     Starts downloading the files completely, through the fetcher's single-flight path and
     not paused by foreground reads, and answers at once; the client polls ``status``.
@@ -402,6 +403,7 @@ class ControlServer:
             "validated_at": cached.validated_at or None,
             "lifetime": self._revalidator.lifetime_of(cached) if self._revalidator else None,
             "fresh": not self._revalidator.is_stale(cached) if self._revalidator else None,
+            "verified": self._engine.verifier.state(cached),
             "rate": round(cached.stats.rate()) if cached._stats is not None else 0,
             "origin_bytes": cached.stats.origin_bytes if cached._stats is not None else 0,
             "prefetch": None

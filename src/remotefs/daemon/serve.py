@@ -17,9 +17,12 @@ one engine and one cache. Order of a start:
    saves every bitmap and the catalog; unmount; release the lock.
 
 SIGHUP and the control socket's ``reload`` re-read urls.txt (`Daemon.reload`) without a
-restart. When the engine swaps a file for the origin's new version, the daemon gives every
-path of it a new inode (`swap`), makes the kernel forget the old one (`settle`), and the
-HTTP door ends the responses that serve the old one (its own `swap`).
+restart. Directory sources (a URL ending in ``/``) are listed into file entries
+(`sources.DirectorySources`) before step 2, on every reload, and again every ``--list-ttl``
+seconds (`Daemon.relist`): what a listing adds, removes or changes goes through the same
+steps as an edit of urls.txt. When the engine swaps a file for the origin's new version, the
+daemon gives every path of it a new inode (`swap`), makes the kernel forget the old one
+(`settle`), and the HTTP door ends the responses that serve the old one (its own `swap`).
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from ..cache.engine import PENDING, Listing, ProgressCallback, RemoteCache
 from ..config.manifest import ManifestEntry, ManifestError, load_manifest
 from ..config.options import MountOptions
 from ..fuse.tree import FileNode, Removed, Tree
+from ..redact import redact_url
 from ..serve.listen import HttpSettings
 from ..units import human_size
 from .control import ControlServer
 from .loop_monitor import LoopMonitor
 from .notify import notify_enabled, sd_notify
+from .sources import DirectorySources
 
 if TYPE_CHECKING:
     from ..serve.app import HttpDoor
@@ -57,6 +62,9 @@ HTTP_READY_TIMEOUT = 10.0
 
 #: How often files removed by a reload are checked for their last handle (then closed).
 REAP_INTERVAL = 1.0
+
+#: A directory source whose listing failed is asked again after at most this long.
+RELIST_FAILED = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,16 +115,20 @@ class Daemon:
         http: HttpSettings | None = None,
     ) -> None:
         self.options = options
-        self.entries = entries
+        #: urls.txt as read: file lines and directory sources.
+        self.manifest = list(entries)
+        #: The files served: file lines, and what the directory sources list (`_build_tree`).
+        self.entries = [entry for entry in entries if entry.directory is None]
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.http = http
         #: The URL list `reload` reads again (absolute: the background daemon changes cwd).
         self.urls_file = urls_file
         self.engine = RemoteCache(options, {entry.url: entry.headers for entry in entries})
+        self.sources = DirectorySources(self.engine)
         self.tree = Tree()
         #: The manifest being served, by path.
-        self._wanted: dict[tuple[str, ...], ManifestEntry] = {e.path: e for e in entries}
+        self._wanted: dict[tuple[str, ...], ManifestEntry] = {e.path: e for e in self.entries}
         #: Entries not listed yet: their URL did not answer, or is being downloaded whole.
         self._missing: dict[tuple[str, ...], ManifestEntry] = {}
         self._missing_urls: dict[str, set[tuple[str, ...]]] = {}
@@ -130,6 +142,13 @@ class Daemon:
         #: Set to stop a daemon without a mount (a mount stops when `FuseDoor.main` returns).
         self._stop = trio.Event()
         self.loop_monitor = LoopMonitor()
+
+    @property
+    def source_name(self) -> str:
+        """What this daemon serves, as summaries name it: urls.txt, or the directory's URL."""
+        if self.urls_file is not None:
+            return str(self.urls_file)
+        return ", ".join(redact_url(entry.url) for entry in self.manifest)
 
     @property
     def store(self) -> Any:
@@ -165,7 +184,7 @@ class Daemon:
                     self.options.cache_dir,
                     self.mountpoint,
                     self._invalidate,
-                    self.reload if self.urls_file is not None else None,
+                    self.reload if self._reloadable() else None,
                     extras=self.statistics,
                     listen=lambda: self.addresses,
                     stop=self.stop,
@@ -183,6 +202,7 @@ class Daemon:
                 # Started (SIGHUP caught) before anyone hears the daemon is ready.
                 await nursery.start(self._watch_reload_signal)
                 nursery.start_soon(self._reap_unlinked_loop)
+                nursery.start_soon(self._relist_loop)
                 nursery.start_soon(self._announce_ready, on_ready)
                 if fuse is not None:
                     await fuse.main()
@@ -236,6 +256,8 @@ class Daemon:
     def statistics(self) -> dict[str, Any]:
         """Figures of the daemon's parts for `remotefs status --json` (no I/O, no await)."""
         figures = {"loop": asdict(self.loop_monitor.statistics()), **self.engine.statistics()}
+        if self.sources.any(self.manifest):
+            figures["directories"] = [asdict(item) for item in self.sources.statistics()]
         if self._http is not None:
             figures["http"] = {"listen": self.addresses, **asdict(self._http.stats)}
         return figures
@@ -250,8 +272,18 @@ class Daemon:
     # -- building the tree ---------------------------------------------------------------------
 
     async def _build_tree(self, on_progress: ProgressCallback | None) -> None:
-        """List every URL and place each at its paths."""
+        """List the directory sources, then every URL, and place each at its paths."""
         began = trio.current_time()
+        if self.sources.any(self.manifest):
+            self.entries = await self.sources.expand(self.manifest)
+            self._wanted = {entry.path: entry for entry in self.entries}
+            log.info(
+                "%d files listed by %d directory sources in %.1fs",
+                len(self.entries) - sum(1 for e in self.manifest if e.directory is None),
+                sum(1 for e in self.manifest if e.directory is not None),
+                trio.current_time() - began,
+            )
+        self._tell_engine(self.manifest, self.entries)
         listing = await self.engine.list_files(names_of(self.entries), on_progress)
         for entry in self.entries:
             self._place(entry, listing[entry.url])
@@ -316,26 +348,76 @@ class Daemon:
         inodes += [node.inode for node in self.tree.nodes_of(old)]  # retired in place
         await self._fuse.invalidate(inodes)
 
+    async def discard_pages(self, cached: CachedFile) -> None:
+        """The kernel forgets the pages of *cached*'s inodes (its bytes did not verify)."""
+        if self._fuse is not None:
+            await self._fuse.invalidate([node.inode for node in self.tree.nodes_of(cached)])
+
     # -- reloading urls.txt -------------------------------------------------------------------
+
+    def _reloadable(self) -> bool:
+        """A daemon reloads its urls.txt, or re-lists the directory it was given."""
+        return self.urls_file is not None or self.sources.any(self.manifest)
+
+    def _tell_engine(
+        self, manifest: Sequence[ManifestEntry], entries: Sequence[ManifestEntry]
+    ) -> None:
+        """Headers of every URL (directory sources' for their listings), digests of files."""
+        self.engine.set_headers({e.url: e.headers for e in [*manifest, *entries]})
+        self.engine.set_digests({e.url: e.digests for e in entries if e.digests})
 
     async def reload(self) -> ReloadSummary:
         """Read urls.txt again and make the namespace match it, without a remount.
 
-        A broken file changes nothing and raises `ManifestError` (file:line). New and changed
-        lines are probed (bounded, as at mount) before anything changes; the reload answers
-        once they are listed (or failed their probes). Unchanged lines are confirmed with
-        their origins in the background afterwards: a file that changed there is swapped as
-        usual. Removed files leave the namespace at once; their open handles keep reading
-        until closed.
+        A broken file changes nothing and raises `ManifestError` (file:line). Directory
+        sources are listed again. New and changed lines are probed (bounded, as at mount)
+        before anything changes; the reload answers once they are listed (or failed their
+        probes). Unchanged lines are confirmed with their origins in the background
+        afterwards: a file that changed there is swapped as usual. Removed files leave the
+        namespace at once; their open handles keep reading until closed.
         """
-        assert self.urls_file is not None
-        engine = self.engine
-        async with engine.lock:
+        manifest = self.manifest
+        if self.urls_file is not None:
             try:
-                entries = await trio.to_thread.run_sync(load_manifest, self.urls_file)
+                manifest = await trio.to_thread.run_sync(load_manifest, self.urls_file)
             except ManifestError as err:
                 log.error("reload failed, nothing changed: %s", err)
                 raise
+        summary = await self._change_to(manifest, confirm=True)
+        log.info("reloaded %s", summary)
+        return summary
+
+    async def relist(self) -> ReloadSummary:
+        """List the directory sources again (their lifetime ran out) and show what changed."""
+        summary = await self._change_to(self.manifest, confirm=False)
+        if summary.added or summary.removed or summary.changed:
+            log.info("listed again: %s", summary)
+        return summary
+
+    async def _relist_loop(self) -> None:
+        """Every ``--list-ttl`` seconds (sooner after a failed listing), `relist`."""
+        while True:
+            failing = any(item.problems for item in self.sources.statistics())
+            ttl = self.options.list_ttl
+            await trio.sleep(min(ttl, RELIST_FAILED) if failing else ttl)
+            if not self.sources.any(self.manifest):
+                continue
+            try:
+                await self.relist()
+            except Exception:
+                log.exception("listing the directory sources again failed; the mount goes on")
+
+    async def _change_to(self, manifest: list[ManifestEntry], *, confirm: bool) -> ReloadSummary:
+        """Make the namespace show *manifest* (directory sources listed now).
+
+        *confirm*: unchanged files are confirmed with their origins in the background (a
+        reload); a re-list leaves that to their own freshness.
+        """
+        entries = manifest
+        if self.sources.any(manifest):
+            entries = await self.sources.expand(manifest)
+        engine = self.engine
+        async with engine.lock:
             old = self._wanted
             names = names_of(entries)
             fresh = {
@@ -343,22 +425,23 @@ class Daemon:
                 for e in entries
                 if e.path not in old or old[e.path].url != e.url
             }
-            engine.set_headers({entry.url: entry.headers for entry in entries})
+            self._tell_engine(manifest, entries)
             engine.want(names)
             listing = await engine.add_files(fresh)
             # From here to the end of _apply nothing awaits: the namespace changes at once.
+            self.manifest = manifest
             summary, gone, unchanged = self._apply(entries, listing)
-            log.info("reloaded %s", summary)
-            if self._revalidation is not None:
-                self._revalidation.cancel()
-            self._revalidation = trio.CancelScope()
-            engine.revalidate_all(unchanged, self._revalidation)
+            if confirm:
+                if self._revalidation is not None:
+                    self._revalidation.cancel()
+                self._revalidation = trio.CancelScope()
+                engine.revalidate_all(unchanged, self._revalidation)
             if self._fuse is not None:
                 await self._fuse.forget(gone)
             return summary
 
     def _apply(
-        self, entries: list[ManifestEntry], listing: dict[str, Listing]
+        self, entries: Sequence[ManifestEntry], listing: dict[str, Listing]
     ) -> tuple[ReloadSummary, list[Removed], list[str]]:
         """Change the namespace to *entries* (synchronously).
 
@@ -402,7 +485,7 @@ class Daemon:
         files, _ = self.tree.counts()
         urls = list(dict.fromkeys(unchanged))
         summary = ReloadSummary(
-            str(self.urls_file), added, len(removed), len(changed), pending, len(urls), files
+            self.source_name, added, len(removed), len(changed), pending, len(urls), files
         )
         return summary, gone, urls
 
@@ -434,10 +517,10 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             task_status.started()
             async for _ in signals:
-                if self.urls_file is None:
+                if not self._reloadable():
                     log.warning("got SIGHUP, but this daemon has no URL list file to reload")
                     continue
-                log.info("got SIGHUP; reloading %s", self.urls_file)
+                log.info("got SIGHUP; reloading %s", self.source_name)
                 try:
                     await self.reload()
                 except ManifestError:

@@ -39,6 +39,9 @@ ETAG_XATTR = b"user.remotefs.etag"
 CONTENT_TYPE_XATTR = b"user.remotefs.content_type"
 #: When the origin last confirmed the file, and how long it stays fresh.
 VALIDATED_XATTR = b"user.remotefs.validated"
+#: Whether the bytes matched their digest: ``sha256`` (the algorithm), ``pending``,
+#: ``mismatch`` or ``none`` (no digest known).
+VERIFIED_XATTR = b"user.remotefs.verified"
 #: Attribute and entry timeout of a stale file: the kernel asks again soon, by which time a
 #: background revalidation has usually answered.
 STALE_TIMEOUT = 1.0
@@ -302,6 +305,8 @@ class RemoteFsOperations(pyfuse3.Operations):
                 values[VALIDATED_XATTR] = validated_text(
                     cached, self._revalidator.lifetime_of(cached)
                 ).encode()
+            if self._engine is not None:
+                values[VERIFIED_XATTR] = self._engine.verifier.state(cached).encode()
             return values
         if node.inode == ROOT_INODE:
             values = {PID_XATTR: str(os.getpid()).encode()}

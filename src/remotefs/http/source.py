@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import httpcore._async.http11
 import httpx
@@ -133,6 +133,16 @@ class RemoteMeta:
         if unknown:  # only a validator can vouch for a file whose length is not announced
             return bool(self.last_modified and self.last_modified == other.last_modified)
         return self.last_modified == other.last_modified
+
+
+class ListingResponse(NamedTuple):
+    """A directory listing's answer, with the validators a later conditional GET sends."""
+
+    status: int
+    content_type: str | None
+    body: bytes
+    etag: str | None
+    last_modified: str | None
 
 
 @dataclass(frozen=True)
@@ -237,10 +247,16 @@ def meta_from_probe(
             )
         size = UNKNOWN_SIZE if crange.total is None else crange.total
     elif status == 416:
+        # Only an empty file cannot satisfy bytes=0-0 (RFC 9110 §14.1.1: the first byte is at
+        # or past the end). S3 (and moto) send no Content-Range with it; where one is sent,
+        # its size is used.
         crange = parse_content_range(headers.get("content-range"))
-        if crange is None or crange.total is None:
-            raise ProtocolViolationError(f"{what}: 416 without a Content-Range size")
-        size = crange.total  # an empty file cannot satisfy bytes=0-0
+        if crange is None:
+            size = 0
+        elif crange.total is None:
+            raise ProtocolViolationError(f"{what}: 416 with an unusable Content-Range")
+        else:
+            size = crange.total
     elif status == 200:
         accepts_ranges = False
         length = headers.get("content-length", "").strip()
@@ -417,16 +433,24 @@ class HttpSource:
             return meta
 
     async def fetch_listing(
-        self, url: str, key: str, accept: str, limit: int
-    ) -> tuple[int, str | None, bytes]:
-        """GET a directory listing: ``(status, Content-Type, body)``, whatever the status.
+        self,
+        url: str,
+        key: str,
+        accept: str,
+        limit: int,
+        validators: Mapping[str, str] | None = None,
+    ) -> ListingResponse:
+        """GET a directory listing, whatever the status.
 
         *key* is the directory source's URL: its headers go with the listing of every
         directory under it. A body over *limit* bytes is refused (`PermanentError`): a
-        listing is hostile input, and 64 MiB already holds a million names.
+        listing is hostile input, and 64 MiB already holds a million names. *validators*
+        (``If-None-Match``, ``If-Modified-Since``) make the request conditional: an unchanged
+        listing answers 304 with no body.
         """
         what = f"list {redact_url(url)}"
-        async with self._request(url, {"Accept": accept}, what, key=key) as response:
+        own = {"Accept": accept, **(validators or {})}
+        async with self._request(url, own, what, key=key) as response:
             body = bytearray()
             try:
                 async for chunk in response.aiter_bytes():
@@ -435,7 +459,14 @@ class HttpSource:
                         raise PermanentError(f"{what}: the listing is larger than {limit} bytes")
             except httpx.HTTPError as err:
                 raise _map_httpx_error(err, what) from err
-            return response.status_code, response.headers.get("content-type"), bytes(body)
+            headers = response.headers
+            return ListingResponse(
+                response.status_code,
+                headers.get("content-type"),
+                bytes(body),
+                headers.get("etag"),
+                headers.get("last-modified"),
+            )
 
     async def fetch_range(
         self,
@@ -613,7 +644,8 @@ class HttpSource:
         replaced = {name.lower() for name, _ in per_url}
         headers = [(n, v) for n, v in self._options.headers if n.lower() not in replaced]
         headers += per_url
-        if url != key:
+        below_directory = key.endswith("/") and url.startswith(key) and "?" not in key
+        if url != key and not below_directory:
             strip = {"cookie"}
             if not _same_origin_or_upgrade(key, url):
                 strip.add("authorization")

@@ -62,6 +62,9 @@ class Walk:
     files: list[ListedFile] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     truncated: bool = False
+    #: Directories (paths below the root; ``()`` the root) that could not be listed: a caller
+    #: that listed them before keeps what it had under them.
+    failed: list[tuple[str, ...]] = field(default_factory=list)
 
 
 async def walk(
@@ -90,6 +93,7 @@ async def walk(
             entries, bucket = await _list(url, fetch, bucket, limits)
         except (OSError, ListingError, ValueError) as err:
             result.problems.append(f"{redact_url(url)}: {err}")
+            result.failed.append(path)
             continue
         for entry in entries:
             if len(result.files) + len(pending) >= limits.entries:

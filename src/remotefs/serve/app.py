@@ -208,6 +208,9 @@ class HttpDoor:
     async def settle(self, old: CachedFile) -> None:
         """Nothing is cached of *old* outside the engine."""
 
+    async def discard_pages(self, cached: CachedFile) -> None:
+        """Nothing is cached of a file's bytes outside the engine."""
+
     # -- ASGI ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
