@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
+import html
 import http.server
 import os
 import pathlib
@@ -385,6 +386,9 @@ class Origin:
         self.host = host
         #: Seconds to wait before answering each request; ``stop()`` cuts the wait short.
         self.delay: float = 0.0
+        #: Answer a GET of a directory (a path ending in "/") with a page of links to its
+        #: entries, as a web server's autoindex does; off: 404, as for any non-file.
+        self.listings = False
         self._port = port
         self._records: list[RequestRecord] = []
         self._in_flight = 0
@@ -564,6 +568,8 @@ class Origin:
             return
         opened = self._open(ex.path)
         if opened is None:
+            if self.listings and ex.path.endswith("/") and self._send_index(ex):
+                return
             self._send_not_found(ex)
             return
         fd, st = opened
@@ -637,6 +643,26 @@ class Origin:
     def _send_precondition_failed(self, ex: Exchange, st: os.stat_result) -> None:
         """412 for a failed If-Match; carries the current ETag to help debugging."""
         ex.send_head(412, {"ETag": make_etag(st), "Content-Length": "0"})
+
+    def _send_index(self, ex: Exchange) -> bool:
+        """A page of links to the entries of the directory at ``ex.path``; False if none."""
+        parts = [part for part in ex.path.split("/") if part]
+        if any(part in (".", "..") for part in parts):
+            return False
+        directory = self.root.joinpath(*parts)
+        if not directory.is_dir() or directory.is_symlink():
+            return False
+        links = "".join(
+            f'<a href="{urllib.parse.quote(entry.name)}{"/" if entry.is_dir() else ""}">'
+            f"{html.escape(entry.name)}</a>\n"
+            for entry in sorted(directory.iterdir())
+        )
+        body = f"<html><body>\n{links}</body></html>\n".encode()
+        ex.send_head(200, {"Content-Type": "text/html", "Content-Length": str(len(body))})
+        if ex.wants_body:
+            ex.handler.wfile.write(body)
+            ex.body_bytes += len(body)
+        return True
 
     def _send_not_found(self, ex: Exchange) -> None:
         """404 with an empty body, so error responses never count as served bytes."""

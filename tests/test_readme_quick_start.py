@@ -54,7 +54,7 @@ done
 mount -t tmpfs -o mode=755 quick-start /mnt
 cd "$2"
 bash -e -o pipefail -x ./quick-start.sh
-if mountpoint -q /mnt/remote || mountpoint -q /mnt/disk; then
+if mountpoint -q /mnt/remote || mountpoint -q /mnt/disk || mountpoint -q /mnt/releases; then
     echo "the quick start left a mount behind" >&2
     exit 1
 fi
@@ -121,6 +121,7 @@ def test_readme_quick_start_runs_as_written(
     require_mount_namespaces()
     require_loop_mount("ext4", "the quick start (its block loop-mounts disk.img)")
 
+    origin.listings = True  # the block mounts a directory its server lists
     block = readme_block("quick-start")
     urls = re.findall(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", block)
     assert urls and all(url.startswith(PLACEHOLDER + "/") for url in urls), urls
@@ -174,6 +175,8 @@ def test_readme_quick_start_runs_as_written(
     assert re.search(r"^/mnt/remote  \(pid \d+; 3 files", status, re.MULTILINE), status
     assert re.search(r"^big\.iso .* complete ", status, re.MULTILINE), status
     assert all(name in status for name in ("big.zip", "disk.img")), status
+    # The directory mount lists what the origin's index of /releases/ shows (ls: last).
+    assert out.rstrip().endswith("big.iso\nbig.zip"), out[-200:]
 
 
 def test_readme_serve_example_runs_as_written(

@@ -38,7 +38,9 @@ The protocol is one JSON object per line each way, answered in order on one conn
     Begins a clean stop of the daemon, as SIGTERM does (a mount is unmounted), and answers
     at once with its ``pid``: the client waits for that process to exit.
 ``{"cmd": "reload"}``
-    Reads urls.txt again, as SIGHUP does, and answers once the namespace matches it:
+    Reads urls.txt again and lists its directory sources again, as SIGHUP does (a daemon of a
+    directory URL given on the command line only lists it again), and answers once the
+    namespace matches it:
     ``added`` (new paths, listed now), ``removed``, ``changed`` (same path, new URL),
     ``pending`` (new paths not listed yet: their URL did not answer; tried again),
     ``revalidating`` (unchanged URLs being confirmed with their origins in the background),

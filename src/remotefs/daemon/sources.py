@@ -15,6 +15,8 @@ Rules, each chosen so that nothing one listing does can hurt the rest of the mou
 - **Failures keep the last good listing.** A directory that cannot be listed this time (an
   HTTP error, an error page, a timeout) keeps the files it had; one never listed is empty
   until it answers. The mount comes up either way.
+- **Bounds.** At most `MAX_FILES` files in all (urls.txt lines count too); each walk is
+  bounded as `remotefs.listings.walk` says.
 - **Names** a listing gives must be names a mount can show (`name_problem`: no control
   characters, at most 255 bytes); others are left out, logged once.
 - **Digests.** A file's digests come from a ``checksums=URL`` file of its source, from a
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 
 #: Directory sources listed at once (each walks its own tree one listing at a time).
 LIST_CONCURRENCY = 8
+#: Files a daemon shows at most, urls.txt lines and listed files together: what one daemon is
+#: built and tested for (100,000 files), so that no listing can make it grow without bound.
+MAX_FILES = 100_000
 #: What a checksum file is asked for with.
 CHECKSUM_ACCEPT = "text/plain, */*;q=0.5"
 
@@ -158,6 +163,12 @@ class DirectorySources:
             digests = self._digests_of(source, state)
             placed = 0
             for below, listed in sorted(state.files.items()):
+                if len(entries) >= MAX_FILES:
+                    self._log_once(
+                        f"{source_name(source)}: more than {MAX_FILES} files in the mount;"
+                        " the rest of its listing is left out"
+                    )
+                    break
                 path = source.path + below
                 problem = self._path_problem(path, files, dirs)
                 if problem is not None:
