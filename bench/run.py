@@ -10,6 +10,10 @@ in the same run against the same origin: ``curl`` of the same file (what the lin
 connection) and a read of the local copy (what the disk and page cache give). Peers
 (httpfs2, rclone with ``--vfs-cache-mode full``, httpdirfs) are measured too when installed.
 Results go to ``bench/results/<timestamp>.json`` and ``.md``.
+
+Two more benchmarks live beside this one: ``python -m bench.scale`` (10,000 and 100,000 URLs
+in one urls.txt) and ``python -m bench.listings`` (mounting a 10,000-file nginx autoindex and
+S3 bucket at 0 and 20 ms per request, with peers; and what a ``sha256=`` check costs a read).
 """
 
 from __future__ import annotations

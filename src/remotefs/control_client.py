@@ -344,6 +344,8 @@ def render_status(status: dict[str, Any], *, bars: bool) -> list[str]:
             notes[len(rows) - 1] = f"    note: {entry['note']}"
         if entry.get("state") == "gone at origin":
             notes[len(rows) - 1] = f"    {entry['error']}"
+        if entry.get("verified") == "mismatch":
+            notes[len(rows) - 1] = "    its bytes do not match their digest (twice): reads fail"
     hidden = status.get("hidden", 0)
     rows.append(
         [
