@@ -285,3 +285,30 @@ def _python_module(name: str) -> list[str]:
     import sys
 
     return [sys.executable, "-m", name]
+
+
+def test_a_file_the_json_listing_shows_changed_is_swapped_without_waiting_for_freshness(
+    remotefs: MountFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    tree = make_tree(root, seed=13)
+    if listing_servers.missing_servers():
+        unavailable("nginx is missing (scripts/setup.sh test installs it)")
+    with listing_servers.nginx(root, tmp_path / "nginx") as (_html, json_listing):
+        # Fresh for an hour: only the listing can say the file changed.
+        mount = remotefs.mount(
+            None,
+            "--list-ttl",
+            "1",
+            "--revalidate",
+            "3600",
+            source=json_listing.url + "/",
+        )
+        target = mount.path / "plain.bin"
+        assert target.read_bytes() == tree["plain.bin"]
+        (root / "plain.bin").write_bytes(b"a new version, another size")
+        wait_for(
+            lambda: target.stat().st_size == len(b"a new version, another size"),
+            what="the listing's new size",
+        )
+        assert target.read_bytes() == b"a new version, another size"

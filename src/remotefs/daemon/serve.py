@@ -436,6 +436,9 @@ class Daemon:
                     self._revalidation.cancel()
                 self._revalidation = trio.CancelScope()
                 engine.revalidate_all(unchanged, self._revalidation)
+            elif contradicted := self.sources.contradicted(unchanged, engine.file):
+                # A re-list asks only about files whose listing says they changed.
+                engine.revalidate_all(contradicted, trio.CancelScope())
             if self._fuse is not None:
                 await self._fuse.forget(gone)
             return summary

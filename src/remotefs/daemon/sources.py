@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -100,6 +100,8 @@ class DirectorySources:
         self._statistics: list[SourceStatistics] = []
         self._sums_memo: ListingMemo = {}
         self._logged: set[str] = set()
+        #: What the last listings said of each file they placed (size, ETag where exact).
+        self.listed: dict[str, ListedFile] = {}
 
     def any(self, manifest: Sequence[ManifestEntry]) -> bool:
         return any(entry.directory is not None for entry in manifest)
@@ -120,6 +122,22 @@ class DirectorySources:
 
     def statistics(self) -> list[SourceStatistics]:
         return list(self._statistics)
+
+    def contradicted(self, urls: Sequence[str], known: Callable[[str], object]) -> list[str]:
+        """The *urls* whose last listing gives another size or ETag than the version
+        *known* (url -> its `CachedFile`) holds: asked at their origins now, not when their
+        freshness runs out."""
+        found = []
+        for url in urls:
+            listed, cached = self.listed.get(url), known(url)
+            remote = getattr(cached, "remote", None)
+            if listed is None or remote is None:
+                continue
+            if (listed.size is not None and listed.size != remote.size) or (
+                listed.etag is not None and remote.etag is not None and listed.etag != remote.etag
+            ):
+                found.append(url)
+        return found
 
     async def _list(self, entry: ManifestEntry, limiter: trio.CapacityLimiter) -> None:
         """List one source; on failure keep what was listed before under the failed parts."""
@@ -158,6 +176,7 @@ class DirectorySources:
         files: dict[Path, str] = {entry.path: f"line {entry.line}" for entry in entries}
         dirs: set[Path] = {e.path[:i] for e in entries for i in range(1, len(e.path))}
         statistics: list[SourceStatistics] = []
+        self.listed = {}
         for source in sources:
             state = self._sources[source_key(source)]
             digests = self._digests_of(source, state)
@@ -175,6 +194,7 @@ class DirectorySources:
                     self._log_once(f"{source_name(source)}: {'/'.join(path)}: {problem}")
                     continue
                 files[path] = f"line {source.line}'s listing"
+                self.listed[listed.url] = listed
                 dirs.update(path[:i] for i in range(1, len(path)))
                 entries.append(
                     ManifestEntry(
