@@ -25,7 +25,7 @@ import pytest
 
 from . import listing_servers
 from .listing_servers import ListingServer
-from .mounting import MountFactory, run_remotefs, status_json, wait_for
+from .mounting import MountFactory, is_mounted, run_remotefs, status_json, wait_for
 from .requirements import unavailable
 from .serving import ServeFactory
 
@@ -279,6 +279,26 @@ def test_command_line_mistakes_are_one_line_and_mount_nothing(tmp_path: Path) ->
         assert result.returncode == 2, result
         assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not os.listdir(mountpoint)
+
+
+def test_a_directory_url_that_cannot_be_listed_mounts_nothing_and_says_why(
+    fuse_available: None, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    if listing_servers.missing_servers():
+        unavailable("nginx is missing (scripts/setup.sh test installs it)")
+    with listing_servers.nginx(root, tmp_path / "nginx") as (html, _json):
+        result = run_remotefs(
+            "mount", html.url + "/no-such-dir/", mountpoint, "--cache-dir", tmp_path / "cache"
+        )
+    assert result.returncode == 1, result
+    line = result.stderr.strip()
+    assert "cannot list the directory" in line and "HTTP 404" in line, line
+    assert len(line.splitlines()) == 1
+    assert not is_mounted(mountpoint) and not os.listdir(mountpoint)
 
 
 def _python_module(name: str) -> list[str]:

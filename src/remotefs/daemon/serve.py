@@ -277,6 +277,7 @@ class Daemon:
         if self.sources.any(self.manifest):
             self.entries = await self.sources.expand(self.manifest)
             self._wanted = {entry.path: entry for entry in self.entries}
+            self._check_listed()
             log.info(
                 "%d files listed by %d directory sources in %.1fs",
                 len(self.entries) - sum(1 for e in self.manifest if e.directory is None),
@@ -294,6 +295,17 @@ class Daemon:
             len(self.entries),
             trio.current_time() - began,
         )
+
+    def _check_listed(self) -> None:
+        """A directory URL given instead of urls.txt that cannot be listed at all is the
+        user's error, said on their terminal: an empty mount would only hide it. (In
+        urls.txt a failing source waits for its server beside the other lines.)"""
+        if self.urls_file is not None:
+            return
+        for source in self.sources.statistics():
+            if source.listed_at is None:
+                why = source.problems[0] if source.problems else f"{source.url}: no listing"
+                raise OSError(f"cannot list the directory: {why}")
 
     def _place(self, entry: ManifestEntry, listing: Listing) -> None:
         """Show *entry* as the engine listed it, or wait for it (`available`)."""
