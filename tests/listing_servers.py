@@ -108,6 +108,8 @@ def _tool(name: str) -> str:
 @contextlib.contextmanager
 def nginx(root: Path, work: Path) -> Iterator[tuple[ListingServer, ListingServer]]:
     """One nginx with two servers: the HTML autoindex and the JSON one."""
+    if "nginx" in missing_servers():
+        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     work.mkdir(parents=True, exist_ok=True)
     html, data = free_port(), free_port()
     temp = " ".join(f"{kind}_temp_path {work}/{kind};" for kind in ("client_body", "proxy"))

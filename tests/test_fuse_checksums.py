@@ -29,7 +29,6 @@ from remotefs import Cache, IntegrityError, UrlError
 from . import listing_servers
 from .mounting import Mount, MountFactory, status_json, wait_for
 from .origin import Origin
-from .requirements import unavailable
 from .serving import ServeFactory
 
 VERIFIED = "user.remotefs.verified"
@@ -85,8 +84,6 @@ def test_a_listed_sha256sums_verifies_files_and_a_corrupt_one_fails_after_one_re
     root = tmp_path / "root"
     root.mkdir()
     files = make_files(root, seed=31)
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (html, _json):
         mount = remotefs.mount(None, "--depth", "2", source=html.url + "/")
         good = mount.path / "good.bin"
@@ -203,8 +200,6 @@ def test_a_bsd_checksums_file_named_on_the_source_line_and_a_broken_one(
     ).stdout
     (root / "sums.txt").write_bytes(tagged)
     (root / "broken.txt").write_bytes(b"# ok\nnot a checksum line\n")
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (html, _json):
         mount = remotefs.mount(
             [

@@ -150,8 +150,6 @@ def test_files_added_and_removed_at_the_origin_follow_after_the_lifetime(
 ) -> None:
     root = tmp_path / "root"
     tree = make_tree(root, seed=7)
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (html, _json):
         mount = remotefs.mount(None, "--depth", "3", "--list-ttl", "1", source=html.url + "/")
         assert set(mounted_tree(mount.path)) == set(tree)
@@ -186,8 +184,6 @@ def test_urls_txt_lines_beside_a_source_win_collisions_and_options_apply(
     other = tmp_path / "other"
     other.mkdir()
     (other / "replacement.bin").write_bytes(b"from the file line")
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with (
         listing_servers.nginx(root, tmp_path / "nginx") as (html, _json),
         listing_servers.nginx(other, tmp_path / "nginx2") as (html2, _json2),
@@ -217,8 +213,6 @@ def test_fstab_and_the_mount_helper_take_a_directory_url(
     tree = make_tree(root, seed=11)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (html, _json):
         result = subprocess.run(
             [
@@ -245,8 +239,6 @@ def test_fstab_and_the_mount_helper_take_a_directory_url(
 def test_remotefs_serve_serves_what_a_directory_lists(serve: ServeFactory, tmp_path: Path) -> None:
     root = tmp_path / "root"
     tree = make_tree(root, seed=5)
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (_html, json_listing):
         server = serve.start(None, "--depth", "3", source=json_listing.url + "/")
         for name, data in tree.items():
@@ -288,8 +280,6 @@ def test_a_directory_url_that_cannot_be_listed_mounts_nothing_and_says_why(
     root.mkdir()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (html, _json):
         result = run_remotefs(
             "mount", html.url + "/no-such-dir/", mountpoint, "--cache-dir", tmp_path / "cache"
@@ -312,8 +302,6 @@ def test_a_file_the_json_listing_shows_changed_is_swapped_without_waiting_for_fr
 ) -> None:
     root = tmp_path / "root"
     tree = make_tree(root, seed=13)
-    if listing_servers.missing_servers():
-        unavailable("nginx is missing (scripts/setup.sh test installs it)")
     with listing_servers.nginx(root, tmp_path / "nginx") as (_html, json_listing):
         # Fresh for an hour: only the listing can say the file changed.
         mount = remotefs.mount(

@@ -117,8 +117,10 @@ class ManifestEntry:
     directory: DirectoryOptions | None = None
 
 
-class ManifestError(ValueError):
-    """The manifest cannot be used; ``str()`` gives a ``file:line: reason`` message.
+class FileLineError(ValueError):
+    """A file of the user's (or a server's) that cannot be used, and where: ``str()`` is
+    ``SOURCE:LINE: reason`` (``SOURCE: reason`` when the fault is the whole file), as
+    compilers write it, so that users find the line.
 
     The parts are kept as attributes so callers (and tests) can inspect them without parsing
     the message.  They are also passed to ``ValueError`` as ``args`` so the exception survives
@@ -139,6 +141,10 @@ class ManifestError(ValueError):
         if self.line is None:
             return f"{self.source}: {self.reason}"
         return f"{self.source}:{self.line}: {self.reason}"
+
+
+class ManifestError(FileLineError):
+    """The manifest (urls.txt) cannot be used."""
 
 
 class _LineError(Exception):

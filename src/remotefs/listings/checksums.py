@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config.manifest import DIGEST_LENGTHS, digest_problem
+from ..config.manifest import DIGEST_LENGTHS, FileLineError, digest_problem
 
 #: Digest algorithms remotefs knows, and the length of their digests in hex digits. The
 #: length is what identifies a coreutils line's algorithm when the file name does not.
@@ -63,22 +63,8 @@ class Digest:
     hex: str
 
 
-class ChecksumFileError(ValueError):
-    """A checksum file that cannot be used, and where: ``str()`` is ``SOURCE:LINE: reason``
-    (``SOURCE: reason`` when the fault is the whole file), the format of compilers' messages
-    so that users find the line. *args* are the constructor's, so the error pickles (it may
-    cross a process boundary)."""
-
-    def __init__(self, source: str, line: int | None, reason: str) -> None:
-        super().__init__(source, line, reason)
-        self.source = source
-        self.line = line
-        self.reason = reason
-
-    def __str__(self) -> str:
-        if self.line is None:
-            return f"{self.source}: {self.reason}"
-        return f"{self.source}:{self.line}: {self.reason}"
+class ChecksumFileError(FileLineError):
+    """A checksum file that cannot be used: ``SOURCE:LINE: reason``."""
 
 
 def _quote(text: str) -> str:
