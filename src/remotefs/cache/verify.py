@@ -55,6 +55,8 @@ _HASHES: dict[str, Callable[[], Any]] = {
 CHUNK = 4 << 20
 #: The prefix is hashed once it grew by this much (or reached the end of the file).
 STEP = 8 << 20
+#: Runs a whole read's final read may need (a run is cut short by an eviction racing it).
+READ_ATTEMPTS = 4
 
 #: What ``user.remotefs.verified`` and status say.
 VERIFIED_NONE = "none"  # no digest known (or an ETag that turned out not to be an MD5)
@@ -81,8 +83,18 @@ class _Progress:
         self.hashers = {algorithm: _HASHES[algorithm]() for algorithm, _ in digests}
         self.upto = 0
         self.running = False
+        self.idle = trio.Event()  # set when a run ends (with a result or not)
+        self.idle.set()
         self.result: str | None = None  # an algorithm, VERIFIED_NONE or VERIFIED_MISMATCH
         self.settled = trio.Event()  # set when *result* is
+
+    def start(self) -> None:
+        self.running = True
+        self.idle = trio.Event()
+
+    def stop(self) -> None:
+        self.running = False
+        self.idle.set()
 
     def restart(self) -> None:
         self.hashers = {algorithm: _HASHES[algorithm]() for algorithm, _ in self.digests}
@@ -165,25 +177,34 @@ class Verifier:
             return
         prefix = _prefix_end(cached, progress.upto)
         if prefix >= cached.size or prefix - progress.upto >= STEP:
-            progress.running = True
+            progress.start()
             self._spawn(self._hash, cached, progress)
 
-    async def _hash(self, cached: CachedFile, progress: _Progress) -> None:
-        """Hash the present prefix from where the last run stopped; judge a whole file."""
+    async def _hash(self, cached: CachedFile, progress: _Progress, again: bool = True) -> None:
+        """Hash the present prefix from where the last run stopped; judge a whole file.
+
+        The caller marked *progress* running. *again*: when the prefix grew meanwhile, start
+        another run (a reader that runs this itself decides that on its own).
+        """
         try:
             while not cached.retired and self._progress.get(cached) is progress:
                 end = min(_prefix_end(cached, progress.upto), progress.upto + CHUNK)
                 if end <= progress.upto:
                     break
-                if not await self._hash_chunk(cached, progress, end):
+                try:
+                    hashed = await self._hash_chunk(cached, progress, end)
+                except OSError as err:  # the data file could not be read: start again later
+                    log.warning("%s: could not read it to verify it: %s", cached.name, err)
+                    hashed = False
+                if not hashed:
                     progress.restart()  # an eviction raced the read: start again later
                     break
                 if progress.upto >= cached.size:
-                    await self._judge(cached, progress)
+                    self._judge(cached, progress)
                     return
         finally:
-            progress.running = False
-        if progress.result is None and _prefix_end(cached, progress.upto) >= cached.size:
+            progress.stop()
+        if again and progress.result is None and _prefix_end(cached, 0) >= cached.size:
             self.stored(cached)  # more arrived meanwhile
 
     async def _hash_chunk(self, cached: CachedFile, progress: _Progress, end: int) -> bool:
@@ -202,7 +223,9 @@ class Verifier:
         progress.upto = end
         return True
 
-    async def _judge(self, cached: CachedFile, progress: _Progress) -> None:
+    def _judge(self, cached: CachedFile, progress: _Progress) -> None:
+        """Compare a whole file's digests and act on the result. Never awaits: it may run in
+        the read that ends the file, which must answer before anything that waits for it."""
         wrong = [
             (algorithm, expected, progress.hashers[algorithm].hexdigest())
             for algorithm, expected in progress.digests
@@ -246,7 +269,9 @@ class Verifier:
         self._failed.add(cached)
         progress.result = VERIFIED_MISMATCH
         progress.settled.set()
-        await self._discard_pages(cached)  # the kernel may hold pages of the first part
+        # The kernel may hold pages of the first part. Not awaited here: this may run in the
+        # read that ends the file, and the kernel's invalidation waits for that read's pages.
+        self._spawn(self._discard_pages, cached)
 
     async def _refetch_once(self, cached: CachedFile) -> None:
         """After a first mismatch: drop the copy, hash anew, download the whole file again."""
@@ -270,18 +295,31 @@ class Verifier:
 
         The file is completed first: a kernel's readahead may have asked for the end while
         earlier parts are still arriving. A read of the end alone (``unzip -l``) is not held.
+        Each attempt either waits for a background run or hashes here; an eviction racing
+        every one of them is a `ReadError`, never a hang.
         """
         if offset + length < cached.size or not self.digests(cached) or not cached.cacheable:
             return
-        if not cached.complete:
-            if not whole:
-                return
-            await self._complete(cached)
-        self.stored(cached)  # complete from an earlier run: hashed now
-        progress = self._progress.get(cached)
-        if progress is None:
+        if not whole:  # a part of the file: served unverified (hashed in the background)
+            self.stored(cached)
             return
-        await progress.settled.wait()
+        for _ in range(READ_ATTEMPTS):
+            progress = self._progress.get(cached)
+            if progress is not None and progress.result is not None:
+                break
+            if progress is not None and progress.running:
+                await progress.idle.wait()  # a background run: its verdict, or a stop
+                continue
+            if not cached.complete:
+                await self._complete(cached)  # in flight, or evicted meanwhile
+            progress = self._progress.get(cached)
+            if progress is None or progress.digests != self.digests(cached):
+                progress = self._progress[cached] = _Progress(self.digests(cached))
+            if progress.result is None and not progress.running:
+                progress.start()
+                await self._hash(cached, progress, again=False)  # this reader's own run
+        else:
+            raise ReadError(f"{cached.name}: could not be verified (its blocks kept going)")
         self.check_failed(cached)
         if progress.result == VERIFIED_MISMATCH:
             raise IntegrityMismatch(
