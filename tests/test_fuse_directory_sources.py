@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import urllib.parse
@@ -320,3 +321,28 @@ def test_a_file_the_json_listing_shows_changed_is_swapped_without_waiting_for_fr
             what="the listing's new size",
         )
         assert target.read_bytes() == b"a new version, another size"
+
+
+def test_an_exact_listing_s_sizes_list_files_before_their_probes_answer(
+    remotefs: MountFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    rng = random.Random(300)
+    files = {f"f{i:03d}.bin": rng.randbytes(rng.randrange(0, 3000)) for i in range(300)}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    with listing_servers.nginx(root, tmp_path / "nginx") as (_html, json_listing):
+        # No wait for probes at all: what the mount shows at once comes from the listing.
+        mount = remotefs.mount(None, "--revalidate-wait", "0", source=json_listing.url + "/")
+        seeded = re.search(r"(\d+) listed from the cache are being confirmed", mount.log_text())
+        assert seeded and int(seeded.group(1)) > 0, mount.log_text()
+        for name, data in files.items():
+            assert (mount.path / name).stat().st_size == len(data), name
+        # The probes answer in the background and complete what the listing did not say.
+        wait_for(
+            lambda: all("user.remotefs.etag" in os.listxattr(mount.path / name) for name in files),
+            what="every file's ETag from its probe",
+        )
+        for name in rng.sample(sorted(files), 40):
+            assert (mount.path / name).read_bytes() == files[name], name

@@ -346,6 +346,19 @@ class CachedFile:
         """The data file's descriptor, held open (for readers outside the fetcher)."""
         return self._home.fds.apinned(self)
 
+    def adopt(self, remote: RemoteMeta) -> None:
+        """A probe confirmed the size this file was listed with (an exact listing's): take
+        its validators, type and Range support, and save them with the next checkpoint."""
+        self.remote = remote
+        self.meta = replace(
+            self.meta,
+            etag=remote.etag,
+            last_modified=remote.last_modified,
+            content_type=remote.content_type,
+            accepts_ranges=remote.accepts_ranges,
+        )
+        self.mark_meta_dirty()
+
     def set_freshness(self, freshness: Freshness) -> None:
         """The origin said anew how long this version stays fresh (a 304, say)."""
         self.meta = replace(

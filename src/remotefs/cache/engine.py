@@ -179,6 +179,11 @@ class RemoteCache:
         self._arrivals: dict[str, trio.Event] = {}
         self._download_errors: dict[str, HttpSourceError] = {}
         self._handles: dict[Handle, None] = {}
+        #: What exact listings (JSON, buckets) said of URLs never probed: size and ETag. A
+        #: file is listed from its seed at once and probed in the background (`seed`).
+        self._seeds: dict[str, RemoteMeta] = {}
+        #: URLs whose file was made from a seed and not yet confirmed by a probe.
+        self._provisional: set[str] = set()
         self._failures_logged: dict[tuple[str, str, int | None], int] = {}
         self._down_origins: set[tuple[str, str, int | None]] = set()
         self._opened = False
@@ -300,6 +305,15 @@ class RemoteCache:
         """The digests each URL's bytes must have (``sha256=`` lines, checksum files)."""
         self.verifier.set_digests(url_digests)
 
+    def seed(self, listed: Mapping[str, tuple[int, str | None]]) -> None:
+        """Sizes (and ETags) that exact listings gave for URLs: such a URL never seen before
+        is listed from them without waiting for its probe, which runs in the background
+        and, when it agrees on the size (and the ETag), only completes what is known."""
+        self._seeds = {
+            url: RemoteMeta(url, size, etag, None, None, True)
+            for url, (size, etag) in listed.items()
+        }
+
     def want(self, names: Mapping[str, str]) -> None:
         """The URLs doors want now, each with the name to log it under; others are let go."""
         for url in list(self._wanted):
@@ -382,6 +396,13 @@ class RemoteCache:
             results[url] = result
 
         fresh = [url for url in names if url not in self._by_url]
+        seeded = [url for url in fresh if url in self._seeds and self._catalog.get(url) is None]
+        if seeded:
+            known = await trio.to_thread.run_sync(self._known_versions, seeded)
+            for url in seeded:
+                self._from_known(url, known[url])
+            self.revalidate_all(seeded, trio.CancelScope())
+            fresh = [url for url in fresh if url not in self._by_url]
         await self.prober.probe_many(fresh, on_result)
         listing: dict[str, Listing] = {}
         for url in names:
@@ -449,6 +470,8 @@ class RemoteCache:
                 known[url] = Known(stored.meta.remote(), stored)
             elif record is not None:
                 known[url] = Known(record.remote, None)
+            elif url in self._seeds:
+                known[url] = Known(self._seeds[url], None)
         return known
 
     def _catalog_known(self, url: str) -> Known | None:
@@ -480,6 +503,8 @@ class RemoteCache:
             cached = self.store.attach_stored(url, name, known.stored)
         else:
             cached = self.store.new_entry(url, known.remote, name)
+            if known.remote is self._seeds.get(url):
+                self._provisional.add(url)
         record = self._catalog.get(url)
         if record is not None and record.remote.same_version(cached.remote):
             # Fresh for what is left of its lifetime since the origin last confirmed it.
@@ -511,10 +536,7 @@ class RemoteCache:
         name = self._name(url)
         reused = self._by_url.get(url)
         if reused is not None and not reused.retired:
-            if not reused.remote.same_version(remote):
-                self._remote_changed(reused, RemoteChangedError("another version at reload"))
-            else:
-                self.revalidator.confirm(reused, remote)
+            self._confirm_or_change(reused, remote, "another version at reload")
             return reused
         if remote.size == UNKNOWN_SIZE:
             if stored is None:
@@ -581,10 +603,7 @@ class RemoteCache:
         if cached is None or cached.retired:
             return
         if isinstance(result, RemoteMeta):
-            if not cached.remote.same_version(result):
-                self._remote_changed(cached, RemoteChangedError("changed since it was cached"))
-            else:
-                self.revalidator.confirm(cached, result)
+            self._confirm_or_change(cached, result, "changed since it was cached")
             return
         origin = origin_of(url)
         if origin not in self._down_origins:
@@ -597,6 +616,26 @@ class RemoteCache:
             )
         if not isinstance(result, PermanentError) or result.status not in (404, 410):
             self.retrier.add(url)
+
+    def _confirm_or_change(self, cached: CachedFile, remote: RemoteMeta, why: str) -> None:
+        """The origin answered *remote* for *cached*'s URL: the same version (confirmed), or
+        another (swapped). A file listed from a seed takes what the probe adds (validators,
+        type, Range support) when the size and any ETag agree."""
+        url = cached.remote.url
+        if url in self._provisional:
+            self._provisional.discard(url)
+            seed = cached.remote
+            agrees = seed.size == remote.size and (
+                seed.etag is None or remote.etag is None or seed.etag == remote.etag
+            )
+            if agrees:
+                cached.adopt(remote)
+                self.revalidator.confirm(cached, remote)
+                return
+        if not cached.remote.same_version(remote):
+            self._remote_changed(cached, RemoteChangedError(why))
+        else:
+            self.revalidator.confirm(cached, remote)
 
     def _answered_again(self, url: str, remote: RemoteMeta) -> None:
         """A URL that had failed its probe answered: confirm it, or list it at last."""

@@ -374,9 +374,12 @@ class Daemon:
     def _tell_engine(
         self, manifest: Sequence[ManifestEntry], entries: Sequence[ManifestEntry]
     ) -> None:
-        """Headers of every URL (directory sources' for their listings), digests of files."""
+        """Headers of every URL (directory sources' for their listings), digests of files,
+        and what exact listings said of their files' sizes (`RemoteCache.seed`)."""
         self.engine.set_headers({e.url: e.headers for e in [*manifest, *entries]})
         self.engine.set_digests({e.url: e.digests for e in entries if e.digests})
+        listed = self.sources.listed.values()
+        self.engine.seed({f.url: (f.size, f.etag) for f in listed if f.size is not None})
 
     async def reload(self) -> ReloadSummary:
         """Read urls.txt again and make the namespace match it, without a remount.
