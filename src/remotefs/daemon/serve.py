@@ -126,6 +126,8 @@ class Daemon:
         self.urls_file = urls_file
         self.engine = RemoteCache(options, {entry.url: entry.headers for entry in entries})
         self.sources = DirectorySources(self.engine)
+        #: Held by a reload or a re-list from its listing to its last change of the tree.
+        self._changes = trio.Lock()
         self.tree = Tree()
         #: The manifest being served, by path.
         self._wanted: dict[tuple[str, ...], ManifestEntry] = {e.path: e for e in self.entries}
@@ -428,6 +430,12 @@ class Daemon:
         *confirm*: unchanged files are confirmed with their origins in the background (a
         reload); a re-list leaves that to their own freshness.
         """
+        async with self._changes:  # one reload or re-list at a time: the newest listing wins
+            return await self._change_to_locked(manifest, confirm=confirm)
+
+    async def _change_to_locked(
+        self, manifest: list[ManifestEntry], *, confirm: bool
+    ) -> ReloadSummary:
         entries = manifest
         if self.sources.any(manifest):
             entries = await self.sources.expand(manifest)
