@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode
+
+import trio
 
 from ..redact import redact_url
 from .formats import Entry, ListingError, Page, bucket_location, parse
@@ -124,7 +127,7 @@ async def _list(
         page = None
         if status == 200:
             with contextlib.suppress(ListingError):
-                page = parse(url, content_type, body)
+                page = await _parse(url, content_type, body)
             listed = page is not None and (page.entries or _is_html(content_type))
             if page is not None and listed and page.kind != "bucket":
                 return page.entries, None
@@ -143,6 +146,19 @@ async def _list(
     base, root_prefix = bucket
     prefix = _prefix_of(url, base, root_prefix)
     return await _list_bucket(base, prefix, fetch, limits), bucket
+
+
+#: A listing body from this size on is parsed in a worker thread: a page of 100,000 links
+#: takes about a second to parse, which the event loop must not wait through.
+THREAD_PARSE_FROM = 256 << 10
+
+
+async def _parse(url: str, content_type: str | None, body: bytes, prefix: str = "") -> Page:
+    if len(body) < THREAD_PARSE_FROM:
+        return parse(url, content_type, body, prefix=prefix)
+    return await trio.to_thread.run_sync(
+        functools.partial(parse, url, content_type, body, prefix=prefix)
+    )
 
 
 def _is_html(content_type: str | None) -> bool:
@@ -177,7 +193,7 @@ async def _list_bucket(base: str, prefix: str, fetch: Fetch, limits: Limits) -> 
         if status != 200:
             raise failure(f"HTTP {status} listing the bucket")
         try:
-            page: Page = parse(url, content_type, body, prefix=prefix)
+            page: Page = await _parse(url, content_type, body, prefix=prefix)
         except ListingError as err:
             raise failure(str(err)) from None
         if page.kind != "bucket":
