@@ -200,3 +200,18 @@ def test_listed_files_keep_what_the_listing_said() -> None:
 def test_a_source_url_must_end_in_a_slash() -> None:
     with pytest.raises(ValueError, match="ends in '/'"):
         trio.run(lambda: walk("http://127.0.0.1:9/pub", fake({})))
+
+
+def test_a_big_listing_is_parsed_whole_off_the_event_loop() -> None:
+    names = [f"file-{i:05d} with a long name.bin" for i in range(20_000)]
+    page = "".join(f'<a href="{urllib.parse.quote(n)}">{n}</a>\n' for n in names).encode()
+    assert len(page) > 256 << 10  # above THREAD_PARSE_FROM: parsed in a worker thread
+
+    async def big(url: str) -> tuple[int, str | None, bytes]:
+        return 200, "text/html", page
+
+    async def main() -> Walk:
+        return await walk("http://h/d/", big)
+
+    result = trio.run(main)
+    assert [found.path[0] for found in result.files] == names
