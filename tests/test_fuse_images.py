@@ -129,9 +129,6 @@ def test_unzip_lists_a_10_mib_central_directory_in_one_round_trip_after_the_end_
         cd_start = listing.start_dir
     cd_size = archive.stat().st_size - cd_start  # and the ZIP64 records and the EOCD
     assert cd_size >= 10 * MiB
-    started = time.monotonic()
-    subprocess.run(["unzip", "-l", str(archive)], capture_output=True, check=True)
-    local = time.monotonic() - started  # listing 100,000 members takes time of its own
     delay = 0.25
     with TimedOrigin(root) as origin:
         mount = remotefs.mount([origin.url("big.zip")])
@@ -139,11 +136,9 @@ def test_unzip_lists_a_10_mib_central_directory_in_one_round_trip_after_the_end_
         origin.reset_counters()
         origin.arrivals.clear()
         origin.delay = delay
-        started = time.monotonic()
         result = subprocess.run(
             ["unzip", "-l", str(mount.path / "big.zip")], capture_output=True, text=True
         )
-        elapsed = time.monotonic() - started
         assert result.returncode == 0, result.stderr
         assert result.stdout.rstrip().endswith(f"{members} files")
         origin.wait_idle()
@@ -151,11 +146,10 @@ def test_unzip_lists_a_10_mib_central_directory_in_one_round_trip_after_the_end_
         served = origin.bytes_served("/big.zip")
         requests = origin.requests
     # Two round trips: the open's head and tail, then the central directory; nothing after.
+    # Counted from the requests' arrivals, not timed: a shared machine's stalls would make a
+    # wall-clock bound fail at random.
     assert len(waves) == 2, [len(wave) for wave in waves]
     assert len(waves[0]) == 2  # the head and the tail (with the EOCD)
-    assert elapsed < local + 2.9 * delay, (
-        f"unzip -l took {elapsed:.2f}s at {delay}s per request (locally {local:.2f}s)"
-    )
     # Exactly the directory: what was served beyond it is the head and the tail's rounding.
     size = archive.stat().st_size
     tail = max(r.body_bytes for r in requests if r.end is not None and r.end == size)
