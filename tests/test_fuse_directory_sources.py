@@ -12,6 +12,7 @@ lines, fstab and ``remotefs serve``.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -69,8 +70,14 @@ def mounted_tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, bytes], Path]]:
+    """The tree every server serves, with the SHA256SUMS the real sha256sum wrote for it."""
     root = tmp_path_factory.mktemp("dir-sources") / "root"
-    yield make_tree(root, seed=20), root
+    tree = make_tree(root, seed=20)
+    sums = subprocess.run(
+        ["sha256sum", "--", *tree], cwd=root, capture_output=True, check=True, timeout=60
+    ).stdout
+    (root / "SHA256SUMS").write_bytes(sums)
+    yield {**tree, "SHA256SUMS": sums}, root
 
 
 def _servers(root: Path, work: Path) -> Iterator[ListingServer]:
@@ -92,31 +99,91 @@ def _servers(root: Path, work: Path) -> Iterator[ListingServer]:
         yield server
 
 
-def test_each_server_s_tree_mounts_with_its_names_sizes_and_bytes(
-    remotefs: MountFactory, served: tuple[dict[str, bytes], Path], tmp_path: Path
+def verified(path: Path) -> str:
+    return os.getxattr(path, "user.remotefs.verified").decode()
+
+
+def fails_with_eio(path: Path) -> bool:
+    """True when reading *path* whole fails with EIO (its bytes did not verify)."""
+    try:
+        with path.open("rb", buffering=0) as handle:
+            while handle.read(1 << 20):
+                pass
+    except OSError as err:
+        return err.errno == errno.EIO
+    return False
+
+
+def _mount_follow_and_verify(
+    remotefs: MountFactory,
+    server: ListingServer,
+    tree: dict[str, bytes],
+    root: Path,
+    tmp_path: Path,
 ) -> None:
-    tree, root = served
-    seen = []
-    for server in _servers(root, tmp_path / "servers"):
-        mountpoint = tmp_path / f"mnt-{server.name}"
-        args = ["--depth", "3"]
-        for name, value in server.headers:
-            args += ["--header", f"{name}: {value}"]
+    """One server: *root* serves *tree*, except that its largest file is corrupted at the
+    origin (SHA256SUMS still lists the right digest) until this returns."""
+    corrupt = max((name for name in tree if name != "SHA256SUMS"), key=lambda n: len(tree[n]))
+    gone = "v1.2.3.tar.gz"
+    damaged = bytearray(tree[corrupt])
+    damaged[len(damaged) // 2] ^= 0x55
+    (root / corrupt).write_bytes(bytes(damaged))
+    args = ["--depth", "3", "--list-ttl", "1"]
+    for name, value in server.headers:
+        args += ["--header", f"{name}: {value}"]
+    try:
         mount = remotefs.mount(
             None,
             *args,
             source=server.url + "/",
-            mountpoint=mountpoint,
+            mountpoint=tmp_path / f"mnt-{server.name}",
             cache_dir=tmp_path / f"cache-{server.name}",
         )
-        assert mounted_tree(mount.path) == tree, server.name
+        names = {
+            str((Path(d) / f).relative_to(mount.path))
+            for d, _, files in os.walk(mount.path)
+            for f in files
+        }
+        assert names == set(tree), server.name
         for name, data in tree.items():
-            assert os.stat(mount.path / name).st_size == len(data), (server.name, name)
-        # The files are ordinary cached files: a second read comes from the cache.
+            path = mount.path / name
+            assert path.stat().st_size == len(data), (server.name, name)
+            if name == corrupt:
+                continue
+            assert path.read_bytes() == data, (server.name, name)
+            expected = "none" if name == "SHA256SUMS" else "sha256"
+            assert verified(path) == expected, (server.name, name)
+        # The corrupted file: EIO at its end, refetched once, then every read fails.
+        target = mount.path / corrupt
+        assert fails_with_eio(target), server.name
+        wait_for(lambda: verified(target) == "mismatch", 60, f"{server.name}: mismatch")
+        assert fails_with_eio(target)
         answer = status_json(mount.path)
         assert {row["path"] for row in answer["files"]} == set(tree)
         assert answer["daemon"]["directories"][0]["files"] == len(tree)
+        # Change over time: a file added and one removed at the origin.
+        (root / "added #2.bin").write_bytes(b"added")
+        (root / gone).rename(tmp_path / gone)
+        wait_for(lambda: (mount.path / "added #2.bin").exists(), 30, "the added file")
+        wait_for(lambda: not (mount.path / gone).exists(), 30, "the removed file gone")
+        assert (mount.path / "added #2.bin").read_bytes() == b"added"
         mount.unmount()
+    finally:
+        (root / "added #2.bin").unlink(missing_ok=True)
+        if (tmp_path / gone).exists():
+            (tmp_path / gone).rename(root / gone)
+        (root / corrupt).write_bytes(tree[corrupt])
+
+
+def test_each_server_s_tree_mounts_follows_and_verifies(
+    remotefs: MountFactory, served: tuple[dict[str, bytes], Path], tmp_path: Path
+) -> None:
+    """Per server: the tree (names, sizes, bytes), every file verified against SHA256SUMS; a
+    file added and one removed at the origin appear and vanish; a corrupted one fails."""
+    tree, root = served
+    seen = []
+    for server in _servers(root, tmp_path / "servers"):
+        _mount_follow_and_verify(remotefs, server, tree, root, tmp_path)
         seen.append(server.name)
     assert {"nginx", "nginx-json", "apache", "lighttpd", "python-http.server"} <= set(seen)
 

@@ -153,8 +153,12 @@ class Verifier:
         """``sha256`` (verified with it), ``pending``, ``mismatch`` or ``none``."""
         if cached in self._failed:
             return VERIFIED_MISMATCH
-        if not self.digests(cached) or not cached.cacheable:
+        digests = self.digests(cached)
+        if not digests or not cached.cacheable:
             return VERIFIED_NONE
+        if cached.size == 0:  # nothing ever arrives, nothing is ever read: judged as it is
+            empty = all(_HASHES[algorithm]().hexdigest() == hex for algorithm, hex in digests)
+            return _strongest(digests) if empty else VERIFIED_MISMATCH
         progress = self._progress.get(cached)
         if progress is None or progress.result is None:
             return VERIFIED_PENDING
@@ -274,11 +278,17 @@ class Verifier:
         self._spawn(self._discard_pages, cached)
 
     async def _refetch_once(self, cached: CachedFile) -> None:
-        """After a first mismatch: drop the copy, hash anew, download the whole file again."""
+        """After a first mismatch: hash anew, drop the copy, download the whole file again.
+
+        The new hashing starts before the drop: blocks that readers fetch meanwhile are
+        hashed into it (a run that read dropped bytes is discarded, `evictions`), and once
+        the refetch is done it is kicked again, in case readers brought every block first.
+        """
+        self._progress[cached] = _Progress(self.digests(cached))
         await self._drop(cached)
         await self._discard_pages(cached)
-        self._progress[cached] = _Progress(self.digests(cached))
         await self._refetch(cached)
+        self.stored(cached)
 
     # -- reads -----------------------------------------------------------------------------------
 
