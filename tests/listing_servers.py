@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -56,6 +57,8 @@ def _wait_answering(url: str, process: subprocess.Popen[bytes], log: Path) -> No
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (a 403 of a server that wants a token is an answer)
         except OSError:
             if time.monotonic() > deadline:
                 text = log.read_text(errors="replace")
@@ -106,21 +109,26 @@ def _tool(name: str) -> str:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, work: Path) -> Iterator[tuple[ListingServer, ListingServer]]:
-    """One nginx with two servers: the HTML autoindex and the JSON one."""
+def nginx(
+    root: Path, work: Path, token: str | None = None
+) -> Iterator[tuple[ListingServer, ListingServer]]:
+    """One nginx with two servers: the HTML autoindex and the JSON one. With *token*, every
+    request without ``X-Token: <token>`` gets a 403 (listings and files alike)."""
     if "nginx" in missing_servers():
         unavailable("nginx is missing (scripts/setup.sh test installs it)")
     work.mkdir(parents=True, exist_ok=True)
     html, data = free_port(), free_port()
     temp = " ".join(f"{kind}_temp_path {work}/{kind};" for kind in ("client_body", "proxy"))
     temp += " ".join(f" {kind}_temp_path {work}/{kind};" for kind in ("fastcgi", "uwsgi", "scgi"))
+    guard = f'if ($http_x_token != "{token}") {{ return 403; }}' if token is not None else ""
     (work / "nginx.conf").write_text(
         # As root, nginx's workers would be nobody's: the test's tree is root's alone.
         f"user root; daemon off; pid {work}/nginx.pid; error_log {work}/error.log;"
         " events {}\n"
         f"http {{ access_log off; {temp}\n"
-        f"  server {{ listen 127.0.0.1:{html}; root {root}; location / {{ autoindex on; }} }}\n"
-        f"  server {{ listen 127.0.0.1:{data}; root {root};"
+        f"  server {{ listen 127.0.0.1:{html}; root {root}; {guard}"
+        "    location / { autoindex on; } }\n"
+        f"  server {{ listen 127.0.0.1:{data}; root {root}; {guard}"
         "    location / { autoindex on; autoindex_format json; } }\n}\n"
     )
     command = [_tool("nginx"), "-c", str(work / "nginx.conf"), "-e", str(work / "error.log")]

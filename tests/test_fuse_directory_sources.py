@@ -413,3 +413,32 @@ def test_an_exact_listing_s_sizes_list_files_before_their_probes_answer(
         )
         for name in rng.sample(sorted(files), 40):
             assert (mount.path / name).read_bytes() == files[name], name
+
+
+def test_a_source_s_header_lines_go_with_its_listings_and_its_files(
+    remotefs: MountFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    tree = make_tree(root, seed=17)
+    with listing_servers.nginx(root, tmp_path / "nginx", token="s3cret") as (html, json_listing):
+        mount = remotefs.mount(
+            [
+                f"{html.url}/   html/",
+                "    depth=3",
+                "    X-Token: s3cret",
+                f"{json_listing.url}/   json/",
+                "    depth=3",
+                "    X-Token: s3cret",
+                f"{html.url}/sub%20dir/   refused/",
+            ]
+        )
+        found = mounted_tree(mount.path)
+        for name, data in tree.items():
+            assert found[f"html/{name}"] == data, name
+            assert found[f"json/{name}"] == data, name
+        # The line without the header is refused by the server: its directory stays empty,
+        # the rest of the mount is there, and status says why.
+        assert not any(path.startswith("refused/") for path in found)
+        problems = [d["problems"] for d in status_json(mount.path)["daemon"]["directories"]]
+        assert problems[0] == problems[1] == [] and "HTTP 403" in problems[2][0]
+        assert "s3cret" not in mount.log_text()
