@@ -4,6 +4,7 @@
 # fast when nothing is missing.
 #
 #   scripts/setup.sh [test]      "test" adds the test tools and test packages
+#   scripts/setup.sh bench       "test", plus the peers the benchmarks measure (httpdirfs, rclone)
 #
 # Python (choose_python below; the first rule that gives one wins):
 #   1. PYTHON=/path/to/python3.X, when set (it must be 3.11 or newer).
@@ -210,6 +211,12 @@ main() {
     here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
     want_tests=${1:-}
     venv="$here/.venv"
+    local peers=()
+    if [ "$want_tests" = "bench" ]; then
+        # The benchmarks (bench/) measure remotefs beside its peers where they are installed.
+        want_tests=test
+        peers=(httpdirfs rclone)
+    fi
 
     packages=(fuse3 libfuse3-dev pkg-config gcc)
     if [ "$want_tests" = "test" ]; then
@@ -228,7 +235,7 @@ main() {
         # Directory listings are read from the servers that write them, each started by the
         # tests with its own configuration (tests/listing_servers.py): nginx, Apache 2,
         # lighttpd, and Caddy where the release packages it.
-        packages+=(nginx apache2 lighttpd)
+        packages+=(nginx apache2 lighttpd "${peers[@]}")
         if ! command -v caddy >/dev/null 2>&1; then
             apt_update_once
             load_candidates caddy
