@@ -201,7 +201,13 @@ def test_a_bucket_of_2500_keys_over_pages_mounts_whole(
             base, {"/bucket": b"", **{f"/bucket/data/{k}": v for k, v in objects.items()}}
         )
         mount = remotefs.mount(
-            None, "--depth", "3", source=base + "/bucket/data/", cache_dir=tmp_path / "cache"
+            None,
+            "--depth",
+            "3",
+            "--list-ttl",
+            "1",
+            source=base + "/bucket/data/",
+            cache_dir=tmp_path / "cache",
         )
         names = {
             str((Path(d) / f).relative_to(mount.path))
@@ -211,6 +217,19 @@ def test_a_bucket_of_2500_keys_over_pages_mounts_whole(
         assert names == set(objects)
         for key in rng.sample(sorted(objects), 50):
             assert (mount.path / key).read_bytes() == objects[key], key
+            assert os.getxattr(mount.path / key, "user.remotefs.verified") == b"md5"
+        # A key added and one deleted in the bucket appear and vanish with the next listing.
+        listing_servers.put_objects(base, {"/bucket/data/c/new key.bin": b"new"})
+        _delete(base + "/bucket/data/a/key-0001.bin")
+        wait_for(lambda: (mount.path / "c" / "new key.bin").exists(), 60, "the new key")
+        wait_for(lambda: not (mount.path / "a" / "key-0001.bin").exists(), 60, "the deleted key")
+        assert (mount.path / "c" / "new key.bin").read_bytes() == b"new"
+
+
+def _delete(url: str) -> None:
+    request = urllib.request.Request(urllib.parse.quote(url, safe=":/"), method="DELETE")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 204, response.status
 
 
 def test_files_added_and_removed_at_the_origin_follow_after_the_lifetime(
