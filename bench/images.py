@@ -39,6 +39,7 @@ from tests.image_makers import GiB, KiB, MiB, TreeShape, make_ext4, make_squashf
 from tests.loop_demand import drop_page_cache, kernel_demand, loop_mount_run
 
 from .origin import ShapedOrigin
+from .results_files import write_results
 from .systems import System, available_systems
 
 Metrics = dict[str, Any]
@@ -330,13 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "systems": names,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"images-{started}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    table = markdown(results, meta)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(
+        args.out, f"images-{started}", {"meta": meta, "results": results}, markdown(results, meta)
+    )
     return 0
 
 

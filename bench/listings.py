@@ -84,6 +84,7 @@ from typing import Any
 from tests.listing_servers import moto_s3, nginx, put_objects
 
 from .data import make_random_file
+from .results_files import write_results
 from .run import Bench, MiB, drop_page_cache, parse_size, running_origin, timed
 from .scale import REMOTEFS, ROOT, rss_mib
 from .systems import _unmount
@@ -716,14 +717,8 @@ def main(argv: list[str] | None = None) -> int:
         if "checksum" in args.parts:
             (Path(tmp) / "checksum").mkdir()
             checks = checksum_rows(args, Path(tmp) / "checksum")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"listings-{started}"
     report = {"meta": meta, "listings": listings, "checksum": checks}
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(meta, listings, checks)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out, f"listings-{started}", report, markdown(meta, listings, checks))
     return 0
 
 

@@ -39,6 +39,7 @@ from .data import (
 )
 from .folios import mean_folio_kib
 from .origin import ShapedOrigin
+from .results_files import write_results
 from .systems import Remotefs, System, available_systems
 
 MiB = 1024 * 1024
@@ -524,15 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as err:  # one peer failing must not lose the others
                         print(f"  {name} on {system.name} failed: {err}", file=sys.stderr)
                         bench.record(system.name, f"{name}_error", {"error": str(err)[:200]})
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{started}-rtt{int(args.rtt * 1000)}ms-rate{args.rate}-link{args.link_rate}"
-    stem.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": bench.results}, indent=2)
-    )
-    table = markdown(bench, meta)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem}.json and {stem}.md")
+    stem = f"{started}-rtt{int(args.rtt * 1000)}ms-rate{args.rate}-link{args.link_rate}"
+    write_results(args.out, stem, {"meta": meta, "results": bench.results}, markdown(bench, meta))
     return 0
 
 

@@ -8,6 +8,7 @@ killed if need be) when the test ends, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -187,3 +188,17 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
     with open(path, "rb", buffering=0) as handle:
         handle.seek(offset)
         return handle.read(size)
+
+
+def read_fails_with_eio(path: Path, first: int | None = None) -> bool:
+    """True when reading *path* (whole, or its *first* bytes) fails with EIO."""
+    try:
+        with path.open("rb", buffering=0) as handle:
+            if first is not None:
+                handle.read(first)
+            else:
+                while handle.read(1 << 20):
+                    pass
+    except OSError as err:
+        return err.errno == errno.EIO
+    return False

@@ -27,7 +27,7 @@ import pytest
 from remotefs import Cache, IntegrityError, UrlError
 
 from . import listing_servers
-from .mounting import Mount, MountFactory, status_json, wait_for
+from .mounting import Mount, MountFactory, read_fails_with_eio, status_json, wait_for
 from .origin import Origin
 from .serving import ServeFactory
 
@@ -105,7 +105,11 @@ def test_a_listed_sha256sums_verifies_files_and_a_corrupt_one_fails_after_one_re
         first = tool("cat", bad)
         assert first.returncode != 0 and "Input/output error" in first.stderr
         # The copy is dropped and fetched once more; it does not match either: reads fail.
-        wait_for(lambda: verified(bad) == "mismatch" and _fails_at_once(bad), 60, "the verdict")
+        wait_for(
+            lambda: verified(bad) == "mismatch" and read_fails_with_eio(bad, first=1),
+            60,
+            "the verdict",
+        )
         log = mount.log_text()
         assert log.count("do not match their digest twice") == 1
         assert "fetching it again" in log
@@ -116,15 +120,6 @@ def test_a_listed_sha256sums_verifies_files_and_a_corrupt_one_fails_after_one_re
         figures = status_json(mount.path)["daemon"]["verification"]
         assert figures["failed"] == 1 and figures["mismatches"] == 2
         assert figures["verified"] >= 3
-
-
-def _fails_at_once(path: Path) -> bool:
-    try:
-        with path.open("rb", buffering=0) as handle:
-            handle.read(1)
-    except OSError as err:
-        return err.errno == errno.EIO
-    return False
 
 
 def test_a_sha256_line_in_urls_txt_and_the_library_and_serve(

@@ -12,7 +12,6 @@ lines, fstab and ``remotefs serve``.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
@@ -27,7 +26,14 @@ import pytest
 
 from . import listing_servers
 from .listing_servers import ListingServer
-from .mounting import MountFactory, is_mounted, run_remotefs, status_json, wait_for
+from .mounting import (
+    MountFactory,
+    is_mounted,
+    read_fails_with_eio,
+    run_remotefs,
+    status_json,
+    wait_for,
+)
 from .requirements import unavailable
 from .serving import ServeFactory
 
@@ -103,17 +109,6 @@ def verified(path: Path) -> str:
     return os.getxattr(path, "user.remotefs.verified").decode()
 
 
-def fails_with_eio(path: Path) -> bool:
-    """True when reading *path* whole fails with EIO (its bytes did not verify)."""
-    try:
-        with path.open("rb", buffering=0) as handle:
-            while handle.read(1 << 20):
-                pass
-    except OSError as err:
-        return err.errno == errno.EIO
-    return False
-
-
 def _mount_follow_and_verify(
     remotefs: MountFactory,
     server: ListingServer,
@@ -155,9 +150,9 @@ def _mount_follow_and_verify(
             assert verified(path) == expected, (server.name, name)
         # The corrupted file: EIO at its end, refetched once, then every read fails.
         target = mount.path / corrupt
-        assert fails_with_eio(target), server.name
+        assert read_fails_with_eio(target), server.name
         wait_for(lambda: verified(target) == "mismatch", 60, f"{server.name}: mismatch")
-        assert fails_with_eio(target)
+        assert read_fails_with_eio(target)
         answer = status_json(mount.path)
         assert {row["path"] for row in answer["files"]} == set(tree)
         assert answer["daemon"]["directories"][0]["files"] == len(tree)
