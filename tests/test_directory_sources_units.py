@@ -145,3 +145,10 @@ def test_a_broken_checksum_file_names_its_line_and_verifies_nothing(
     entries, _ = expand(engine, "http://h/a/\n")
     assert all(e.digests == () for e in entries)
     assert "SHA256SUMS:2: not a checksum line" in caplog.text
+
+
+def test_a_listing_s_stated_md5_is_a_digest() -> None:
+    md5 = hashlib.md5(b"gcs").hexdigest()
+    walk = Walk(files=[ListedFile("http://h/a/g.bin", ("g.bin",), 3, None, md5)])
+    entries, _ = expand(FakeEngine(walks={"http://h/a/": walk}), "http://h/a/\n")
+    assert dict(entries[0].digests) == {"md5": md5}

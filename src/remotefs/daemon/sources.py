@@ -20,12 +20,12 @@ Rules, each chosen so that nothing one listing does can hurt the rest of the mou
 - **Names** a listing gives must be names a mount can show (`name_problem`: no control
   characters, at most 255 bytes); others are left out, logged once.
 - **Digests.** A file's digests come from a ``checksums=URL`` file of its source, from a
-  ``SHA256SUMS``-style file in its own listed directory (`KNOWN_FILES`), or, for a bucket,
-  from a single-part S3 ETag (an MD5 that is not always one: ``etag-md5``, see
-  `remotefs.cache.verify`). Checksum files are matched by URL: each name in a listed one
-  resolves against its own directory, in a named one (``checksums=``) against the source's
-  directory, wherever that file is. A checksum file that cannot be fetched or read is logged
-  once (file and line) and verifies nothing.
+  ``SHA256SUMS``-style file in its own listed directory (`KNOWN_FILES`), or, for a bucket, from
+  a single-part S3 ETag (an MD5 that is not always one: ``etag-md5``, see
+  `remotefs.cache.verify`), or GCS's JSON API ``md5Hash``. Checksum files are matched by URL:
+  each name in a listed one resolves against its own directory, in a named one (``checksums=``)
+  against the source's directory, wherever that file is. A checksum file that cannot be fetched
+  or read is logged once (file and line) and verifies nothing.
 """
 
 from __future__ import annotations
@@ -244,6 +244,8 @@ class DirectorySources:
             from_etag = digest_from_etag(listed.etag)
             if from_etag is not None:
                 found.setdefault(listed.url, {})[ETAG_MD5] = from_etag.hex
+            if listed.md5 is not None:  # a listing that states the MD5 as such (GCS)
+                found.setdefault(listed.url, {})["md5"] = listed.md5
         assert source.directory is not None
         # A named file's names are the source directory's; a listed one's, its own directory's.
         sums: list[tuple[str, str | None, str]] = [

@@ -1,4 +1,5 @@
-"""Parsers of directory listings: HTML pages of links, nginx and Caddy JSON, S3 and GCS XML.
+"""Parsers of directory listings: HTML pages of links, nginx and Caddy JSON, S3 and GCS XML,
+and GCS's JSON API (``storage#objects``).
 
 Each takes the listing's URL and its body (already capped in size by whoever fetched it) and
 returns a `Page`: the entries it names, and for a paginated bucket listing the token of the
@@ -12,6 +13,8 @@ the media type first, the body's first bytes when the type says nothing useful.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
@@ -38,6 +41,8 @@ class Entry:
     is_dir: bool
     size: int | None = None
     etag: str | None = None
+    #: The content's MD5 (hex) where the listing states it as such (GCS's ``md5Hash``).
+    md5: str | None = None
 
 
 @dataclass(slots=True)
@@ -58,7 +63,7 @@ def parse(listing_url: str, content_type: str | None, body: bytes, prefix: str =
     media = (content_type or "").split(";", 1)[0].strip().lower()
     head = body.lstrip()[:64]
     if media.endswith("json") or (not media and head.startswith((b"[", b"{"))):
-        return parse_json(listing_url, body)
+        return parse_json(listing_url, body, prefix)
     if media.endswith("xml") or head.startswith(b"<?xml") or b"<ListBucketResult" in head:
         return parse_bucket_xml(body, prefix)
     return parse_html(listing_url, body)
@@ -100,13 +105,16 @@ def parse_html(listing_url: str, body: bytes) -> Page:
 # -- JSON: nginx (autoindex_format json) and Caddy (file_server browse) ------------------------
 
 
-def parse_json(listing_url: str, body: bytes) -> Page:
-    """nginx's ``[{"name", "type", "size"}]`` or Caddy's ``[{"name", "is_dir", "size",
-    "url"}]``; a GCS ``storage#objects`` answer is not handled here (it is not a list)."""
+def parse_json(listing_url: str, body: bytes, prefix: str = "") -> Page:
+    """nginx's ``[{"name", "type", "size"}]``, Caddy's ``[{"name", "is_dir", "size",
+    "url"}]``, or a page of GCS's JSON API (``{"kind": "storage#objects"}``, keys under
+    *prefix*)."""
     try:
         rows = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ListingError(f"not a JSON listing: {err}") from None
+    if isinstance(rows, dict) and rows.get("kind") == "storage#objects":
+        return parse_gcs_json(rows, prefix)
     if not isinstance(rows, list):
         raise ListingError("not a JSON listing: not an array of entries")
     page = Page("json")
@@ -117,6 +125,49 @@ def parse_json(listing_url: str, body: bytes) -> Page:
             seen.add(entry.name)
             page.entries.append(entry)
     return page
+
+
+def parse_gcs_json(answer: dict[str, object], prefix: str) -> Page:
+    """One page of GCS's ``objects.list`` with ``delimiter=/``: ``items`` are objects (their
+    ``size`` a decimal string, ``md5Hash`` base64 where GCS has one), ``prefixes`` the
+    directories, ``nextPageToken`` the next page."""
+    page = Page("bucket")
+    seen: set[str] = set()
+    items = answer.get("items")
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        name = _relative(item["name"], prefix)
+        if name is None or name.endswith("/") or name in seen:
+            continue
+        seen.add(name)
+        size = item.get("size")
+        exact = int(size) if isinstance(size, str) and size.isdigit() else None
+        # Its "etag" is not the HTTP ETag its downloads carry: only the MD5 is kept.
+        page.entries.append(Entry(name, False, exact, None, _md5_hex(item.get("md5Hash"))))
+    prefixes = answer.get("prefixes")
+    for key in prefixes if isinstance(prefixes, list) else []:
+        name = _relative(key, prefix) if isinstance(key, str) else None
+        if name is None or not name.endswith("/"):
+            continue
+        name = name[:-1]
+        if name and name not in seen:
+            seen.add(name)
+            page.entries.append(Entry(name, True))
+    token = answer.get("nextPageToken")
+    page.next_token = token if isinstance(token, str) and token else None
+    return page
+
+
+def _md5_hex(value: object) -> str | None:
+    """GCS's base64 ``md5Hash`` as hex; None unless it is exactly 16 bytes."""
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return raw.hex() if len(raw) == 16 else None
 
 
 def _json_entry(listing_url: str, row: object) -> Entry | None:

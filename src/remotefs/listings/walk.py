@@ -13,10 +13,12 @@ hostile input, so everything is bounded and nothing one listing does ends the wa
 - *include* and *exclude* are shell patterns (``*.iso``) matched against each file's name;
   directories are always walked.
 
-A bucket (S3, or GCS's XML API) is found by its answer: when the directory's own URL gives no
-page of entries (a GET of ``bucket/dir/`` is a GET of a key: an error, or the empty marker
-object consoles make), the walk asks ``bucket?list-type=2&delimiter=/&prefix=dir/``, path-style,
-and once that answers with a bucket listing it goes on in that form.
+A bucket is found by its answer: when the directory's own URL gives no page of entries (a GET
+of ``bucket/dir/`` is a GET of a key: an error, or the empty marker object consoles make), the
+walk asks S3's ``bucket?list-type=2&delimiter=/&prefix=dir/`` (path-style; GCS's XML API
+answers it too), then GCS's JSON API on the same host
+(``/storage/v1/b/bucket/o?delimiter=/&prefix=dir/``), and goes on in the first form that
+answers with a bucket listing. Files are always fetched at ``bucket/dir/name``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class ListedFile:
     path: tuple[str, ...]
     size: int | None = None
     etag: str | None = None
+    #: The content's MD5 (hex) where the listing states it (GCS's JSON API).
+    md5: str | None = None
 
 
 @dataclass(slots=True)
@@ -85,7 +89,7 @@ async def walk(
     depth = max(1, min(depth, MAX_DEPTH))
     result = Walk()
     seen: set[str] = set()
-    bucket: tuple[str, str] | None = None
+    bucket: Bucket | None = None
     pending: list[tuple[str, tuple[str, ...]]] = [(root, ())]
     while pending:
         url, path = pending.pop(0)
@@ -114,13 +118,21 @@ async def walk(
                 continue
             if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in exclude):
                 continue
-            result.files.append(ListedFile(child, (*path, entry.name), entry.size, entry.etag))
+            result.files.append(
+                ListedFile(child, (*path, entry.name), entry.size, entry.etag, entry.md5)
+            )
     return result
 
 
+#: A bucket as the walk found it: its URL (``http://host/bucket``), the root's key prefix, and
+#: the form of listing it answered: ``s3`` (ListObjectsV2 XML) or ``gcs-json``.
+Bucket = tuple[str, str, str]
+BUCKET_FORMS = ("s3", "gcs-json")
+
+
 async def _list(
-    url: str, fetch: Fetch, bucket: tuple[str, str] | None, limits: Limits
-) -> tuple[list[Entry], tuple[str, str] | None]:
+    url: str, fetch: Fetch, bucket: Bucket | None, limits: Limits
+) -> tuple[list[Entry], Bucket | None]:
     """The entries of the directory at *url*, and the bucket form once one was found."""
     if bucket is None:
         status, content_type, body = await fetch(url)
@@ -132,20 +144,19 @@ async def _list(
             if page is not None and listed and page.kind != "bucket":
                 return page.entries, None
         # Not a page of entries: a bucket answers a GET of ``bucket/dir/`` as the object API
-        # does (an error, or the empty "dir/" marker object), and lists at the bucket's URL.
+        # does (an error, or the empty "dir/" marker object), and lists elsewhere.
         located = bucket_location(url)
-        entries = None
         if located is not None:
-            with contextlib.suppress(_NotABucket, OSError):
-                entries = await _list_bucket(located[0], located[1], fetch, limits)
-        if entries is not None:
-            return entries, located
+            for form in BUCKET_FORMS:
+                with contextlib.suppress(_NotABucket, OSError):
+                    entries = await _list_bucket(located[0], located[1], form, fetch, limits)
+                    return entries, (located[0], located[1], form)
         if page is not None:
             return page.entries, None
         raise ListingError(f"HTTP {status}, not a listing")
-    base, root_prefix = bucket
+    base, root_prefix, form = bucket
     prefix = _prefix_of(url, base, root_prefix)
-    return await _list_bucket(base, prefix, fetch, limits), bucket
+    return await _list_bucket(base, prefix, form, fetch, limits), bucket
 
 
 #: A listing body from this size on is parsed in a worker thread: a page of 100,000 links
@@ -177,17 +188,16 @@ class _NotABucket(ListingError):
     """The bucket form of a URL did not answer with a bucket listing."""
 
 
-async def _list_bucket(base: str, prefix: str, fetch: Fetch, limits: Limits) -> list[Entry]:
-    """Every entry under *prefix*, page after page; `_NotABucket` when the first page is not
-    a bucket listing, `ListingError` for a bucket that misbehaves later."""
+async def _list_bucket(
+    base: str, prefix: str, form: str, fetch: Fetch, limits: Limits
+) -> list[Entry]:
+    """Every entry under *prefix*, page after page, in *form*; `_NotABucket` when the first
+    page is not a bucket listing, `ListingError` for a bucket that misbehaves later."""
     entries: list[Entry] = []
     tokens: set[str] = set()
     token: str | None = None
     for number in range(limits.pages):
-        query = {"list-type": "2", "delimiter": "/", "prefix": prefix}
-        if token is not None:
-            query["continuation-token"] = token
-        url = f"{base}?{urlencode(query)}"
+        url = _bucket_page_url(base, prefix, form, token)
         status, content_type, body = await fetch(url)
         failure = _NotABucket if number == 0 else ListingError
         if status != 200:
@@ -206,3 +216,17 @@ async def _list_bucket(base: str, prefix: str, fetch: Fetch, limits: Limits) -> 
             raise ListingError("the bucket repeated a continuation token")
         tokens.add(token)
     raise ListingError(f"more than {limits.pages} pages")
+
+
+def _bucket_page_url(base: str, prefix: str, form: str, token: str | None) -> str:
+    """The URL of one page of the bucket at *base* in *form*."""
+    if form == "gcs-json":
+        host, _, bucket = base.rpartition("/")
+        query = {"delimiter": "/", "prefix": prefix}
+        if token is not None:
+            query["pageToken"] = token
+        return f"{host}/storage/v1/b/{quote(bucket, safe='')}/o?{urlencode(query)}"
+    query = {"list-type": "2", "delimiter": "/", "prefix": prefix}
+    if token is not None:
+        query["continuation-token"] = token
+    return f"{base}?{urlencode(query)}"
