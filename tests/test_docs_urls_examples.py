@@ -24,6 +24,8 @@ def urls_blocks(document: Path) -> list[str]:
     for indent, body in BLOCK.findall(document.read_text()):
         lines = [line[len(indent) :] for line in body.splitlines()]
         content = [line for line in lines if line.strip() and not line.startswith("#")]
+        if any("fuse.remotefs" in line for line in content):
+            continue  # an fstab line, not a urls.txt
         if content and all(
             line.startswith(("http://", "https://")) or line.startswith((" ", "\t"))
             for line in content
